@@ -1,0 +1,777 @@
+#!/usr/bin/env python3
+"""embedded_registry: a read-only container registry served from a plain directory.
+
+It lets containerd on an air-gapped k3s node *pull* its bootstrap images from a
+directory tree instead of importing image tarballs at every start.
+
+Usage (on the node):
+
+    python3 embedded_registry.py --root /var/lib/rancher/k3s/server/registry \\
+        --cert /etc/embedded-registry/server.crt --key /etc/embedded-registry/server.key
+
+    python3 embedded_registry.py --root ./registry          # plain HTTP, loopback
+
+then point containerd at https://127.0.0.1:5443 through /etc/rancher/k3s/registries.yaml
+(see README.md).
+
+The tree it serves (what download_system_images.py writes):
+
+    ROOT/<repo>/manifests/<tag>              a tag: a file, or a relative symlink to ...
+    ROOT/<repo>/manifests/sha256:<hex>       ... every manifest, named by its digest
+    ROOT/<repo>/blobs/sha256:<hex>           config and layer blobs
+    ROOT/<repo>/blobs -> ../blobs            usually a symlink chain to one ROOT/blobs
+
+<repo> has one or more path components (rancher/mirrored-pause). When containerd
+pulls through a mirror it adds ?ns=<upstream host>; ROOT/<ns>/<repo> is looked up
+first, then ROOT/<repo>, so trees with and without the registry host both serve.
+
+The protocol is the pull half of the OCI distribution spec: GET/HEAD of /v2/,
+manifests and blobs (with single byte ranges), tags/list and _catalog. Every write
+method is refused with 405: the server never changes the tree.
+
+Security: every path component is checked against the distribution grammars before
+the disk is touched, and the resolved real path of anything served must lie inside
+the real root. A digest-named manifest whose bytes do not hash to its name is not
+served (404, logged): a corrupt tree must not poison a node. No directory is listed.
+"""
+
+import argparse
+import collections
+import hashlib
+import http.server
+import io
+import ipaddress
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import socketserver
+import ssl
+import stat
+import sys
+import threading
+import time
+import urllib.parse
+from http import HTTPStatus
+
+__all__ = [
+    "RegistryError", "Route", "parse_route", "media_type_of", "parse_range",
+    "Tree", "RegistryHandler", "RegistryServer", "make_tls_context", "main",
+]
+__version__ = "0.1.0"
+
+log = logging.getLogger("embedded_registry")
+
+# --- Constants and grammars ---------------------------------------------------------
+
+DEFAULT_ROOT = "./registry"
+# 5443: clear of k3s's own 6443 (supervisor), 6444 (apiserver), 9345 (rke2), 10250 (kubelet).
+DEFAULT_LISTEN = "127.0.0.1:5443"
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+json"
+DOCKER_SCHEMA1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
+
+# containerd refuses manifests over 4 MiB; reading a larger file would only waste memory.
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+MAX_NAME_LENGTH = 255
+MAX_LIST_ENTRIES = 1000
+# Large reads let OpenSSL encrypt big records with the GIL released.
+COPY_CHUNK = 1024 * 1024
+
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+NAME_RE = re.compile(r"%s(?:/%s)*" % (_COMPONENT, _COMPONENT))
+TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+DIGEST_RE = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
+DIGEST_HEX_LENGTHS = {"sha256": 64, "sha512": 128}
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+HOST_RE = re.compile(r"%s(?:\.%s)*(?::[0-9]{1,5})?" % (_LABEL, _LABEL))
+
+# One pattern per route; <name> is greedy so a repo may itself contain "manifests".
+ROUTES = [
+    ("base", re.compile(r"/v2/?")),
+    ("catalog", re.compile(r"/v2/_catalog")),
+    ("tags", re.compile(r"/v2/(?P<name>.+)/tags/list")),
+    ("manifest", re.compile(r"/v2/(?P<name>.+)/manifests/(?P<reference>[^/]+)")),
+    ("blob", re.compile(r"/v2/(?P<name>.+)/blobs/(?P<reference>[^/]+)")),
+]
+
+# Status codes the base class raises on its own, and the OCI code that fits each.
+GENERIC_ERROR_CODES = {
+    HTTPStatus.METHOD_NOT_ALLOWED: "UNSUPPORTED",
+    HTTPStatus.NOT_IMPLEMENTED: "UNSUPPORTED",
+    HTTPStatus.NOT_FOUND: "NOT_FOUND",
+    HTTPStatus.REQUEST_URI_TOO_LONG: "NAME_INVALID",
+}
+
+
+# --- Pure functions: errors, routing, media types, ranges ----------------------------
+
+class RegistryError(Exception):
+    """A request the registry answers with an OCI error body."""
+
+    def __init__(self, status, code, message, detail=None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.detail = detail
+
+
+def oci_error_body(code, message, detail=None):
+    error = {"code": code, "message": message}
+    if detail is not None:
+        error["detail"] = detail
+    return json.dumps({"errors": [error]}).encode()
+
+
+Route = collections.namedtuple("Route", "kind name reference ns query")
+
+
+def parse_route(raw_path):
+    """Map a request target to a Route, or raise RegistryError.
+
+    The path is matched raw, never percent-decoded: no registry name, tag or digest
+    contains '%', so an encoded dot or slash simply fails the grammar.
+    """
+    split = urllib.parse.urlsplit(raw_path)
+    query = urllib.parse.parse_qs(split.query, keep_blank_values=True)
+    for kind, pattern in ROUTES:
+        match = pattern.fullmatch(split.path)
+        if match:
+            break
+    else:
+        raise RegistryError(HTTPStatus.NOT_FOUND, "NOT_FOUND", "no such endpoint")
+    groups = match.groupdict()
+    name = groups.get("name")
+    if name is not None:
+        check_name(name)
+    reference = groups.get("reference")
+    if kind == "manifest":
+        check_reference(reference)
+    elif kind == "blob":
+        check_digest(reference)
+    ns = query.get("ns", [None])[-1]
+    if ns is not None and (len(ns) > MAX_NAME_LENGTH or not HOST_RE.fullmatch(ns)):
+        ns = None  # ns is only a hint; a malformed one falls back to the plain tree.
+    return Route(kind, name, reference, ns, query)
+
+
+def check_name(name):
+    if len(name) > MAX_NAME_LENGTH or not NAME_RE.fullmatch(name):
+        raise RegistryError(HTTPStatus.BAD_REQUEST, "NAME_INVALID",
+                            "invalid repository name", {"name": name[:MAX_NAME_LENGTH]})
+
+
+def check_reference(reference):
+    """A manifest reference is a tag or a digest; anything else is simply unknown."""
+    if TAG_RE.fullmatch(reference):
+        return
+    if DIGEST_RE.fullmatch(reference):
+        check_digest(reference)
+        return
+    raise RegistryError(HTTPStatus.NOT_FOUND, "MANIFEST_UNKNOWN", "manifest unknown",
+                        {"reference": reference[:MAX_NAME_LENGTH]})
+
+
+def is_digest(reference):
+    return ":" in reference
+
+
+def check_digest(digest):
+    algorithm, _, encoded = digest.partition(":")
+    length = DIGEST_HEX_LENGTHS.get(algorithm)
+    if (not DIGEST_RE.fullmatch(digest) or length is None or len(encoded) != length
+            or encoded.strip("0123456789abcdef")):
+        raise RegistryError(HTTPStatus.BAD_REQUEST, "DIGEST_INVALID",
+                            "invalid or unsupported digest", {"digest": digest[:200]})
+
+
+def digest_of(data, algorithm="sha256"):
+    return "%s:%s" % (algorithm, hashlib.new(algorithm, data).hexdigest())
+
+
+def media_type_of(document):
+    """The media type of a parsed manifest: its own field, else inferred from its shape."""
+    declared = document.get("mediaType")
+    if isinstance(declared, str) and declared:
+        return declared
+    if document.get("schemaVersion") == 1:
+        return DOCKER_SCHEMA1_SIGNED if "signatures" in document else DOCKER_SCHEMA1
+    if "manifests" in document:
+        return OCI_INDEX
+    if "config" in document and "layers" in document:
+        return OCI_MANIFEST
+    return None
+
+
+def parse_range(header, size):
+    """Return (first, last) for a single satisfiable byte range, None to send it all.
+
+    A header this function does not understand, or one asking for several ranges, is
+    ignored (RFC 9110 allows a 200 then); an unsatisfiable one raises RegistryError 416.
+    """
+    if not header:
+        return None
+    unit, _, spec = header.partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, dash, last = spec.strip().partition("-")
+    if not dash or not (first.isdigit() or first == "") or not (last.isdigit() or last == ""):
+        return None
+    if first == "":
+        if last == "":
+            return None
+        length = int(last)
+        if length == 0 or size == 0:
+            raise range_not_satisfiable(size)
+        return max(size - length, 0), size - 1
+    start = int(first)
+    end = size - 1 if last == "" else min(int(last), size - 1)
+    if last != "" and int(last) < start:
+        return None  # syntactically invalid: ignore, per RFC 9110
+    if start >= size:
+        raise range_not_satisfiable(size)
+    return start, end
+
+
+def range_not_satisfiable(size):
+    error = RegistryError(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE, "BLOB_UNKNOWN",
+                          "requested range not satisfiable", {"size": size})
+    error.headers = [("Content-Range", "bytes */%d" % size)]
+    return error
+
+
+def paginate(names, query):
+    """Apply the spec's n/last pagination to sorted names; return (page, more)."""
+    last = query.get("last", [""])[-1]
+    if last:
+        names = [n for n in names if n > last]
+    try:
+        limit = int(query.get("n", [MAX_LIST_ENTRIES])[-1])
+    except ValueError:
+        raise RegistryError(HTTPStatus.BAD_REQUEST, "PAGINATION_NUMBER_INVALID",
+                            "n must be a whole number")
+    limit = max(0, min(limit, MAX_LIST_ENTRIES))
+    return names[:limit], len(names) > limit
+
+
+def escape_for_log(text, limit=400):
+    """Control characters escaped and absurd lengths cut, so a log line stays one line."""
+    text = text.encode("unicode_escape", "backslashreplace").decode("ascii")
+    return text if len(text) <= limit else "%s...(%d chars)" % (text[:limit], len(text))
+
+
+# --- Storage: the tree, looked up safely, with a manifest cache ---------------------
+
+Manifest = collections.namedtuple("Manifest", "body media_type digest")
+
+
+class Tree:
+    """Read-only lookups in a registry tree; nothing outside the real root is served."""
+
+    def __init__(self, root, manifest_cache_size=512):
+        self.root = os.path.realpath(root)
+        self._manifests = collections.OrderedDict()  # real path -> (identity, Manifest|None)
+        self._cache_size = manifest_cache_size
+        self._lock = threading.Lock()
+
+    def contains(self, real_path):
+        return real_path == self.root or real_path.startswith(self.root + os.sep)
+
+    def repo_dirs(self, name, ns=None):
+        """The existing repository directories for name, the namespaced one first."""
+        candidates = [os.path.join(self.root, ns, name)] if ns else []
+        candidates.append(os.path.join(self.root, name))
+        found = []
+        for candidate in candidates:
+            real = os.path.realpath(candidate)
+            if self.contains(real) and os.path.isdir(real):
+                found.append(real)
+        if not found:
+            raise RegistryError(HTTPStatus.NOT_FOUND, "NAME_UNKNOWN",
+                                "repository name not known to registry", {"name": name})
+        return found
+
+    def _resolve_file(self, path):
+        """The real path of a regular file inside the root, or None."""
+        real = os.path.realpath(path)
+        if not self.contains(real):
+            log.warning("refusing %s: it resolves outside the root to %s", path, real)
+            return None
+        return real
+
+    def manifest(self, name, reference, ns=None):
+        for repo in self.repo_dirs(name, ns):
+            real = self._resolve_file(os.path.join(repo, "manifests", reference))
+            found = real and self._load_manifest(real)
+            if found and is_digest(reference) and not self._matches(found, reference):
+                log.error("manifest %s does not hash to %s; not served", real, reference)
+                found = None
+            if found:
+                return found
+        raise RegistryError(HTTPStatus.NOT_FOUND, "MANIFEST_UNKNOWN", "manifest unknown",
+                            {"name": name, "reference": reference})
+
+    @staticmethod
+    def _matches(found, digest):
+        algorithm = digest.partition(":")[0]
+        return found.digest == digest or digest_of(found.body, algorithm) == digest
+
+    def _load_manifest(self, real):
+        """The Manifest at real (None if missing or corrupt), cached by file identity."""
+        try:
+            st = os.stat(real)
+        except OSError:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        with self._lock:
+            cached = self._manifests.get(real)
+            if cached and cached[0] == identity:
+                self._manifests.move_to_end(real)
+                return cached[1]
+        manifest = self._read_manifest(real, st.st_size)
+        with self._lock:
+            self._manifests[real] = (identity, manifest)
+            self._manifests.move_to_end(real)
+            while len(self._manifests) > self._cache_size:
+                self._manifests.popitem(last=False)
+        return manifest
+
+    def _read_manifest(self, real, size):
+        if size > MAX_MANIFEST_BYTES:
+            log.error("manifest %s is %d bytes, over the %d limit; not served",
+                      real, size, MAX_MANIFEST_BYTES)
+            return None
+        try:
+            with open(real, "rb") as f:
+                body = f.read(MAX_MANIFEST_BYTES + 1)
+            document = json.loads(body)
+        except (OSError, ValueError) as error:
+            log.error("manifest %s cannot be read as JSON (%s); not served", real, error)
+            return None
+        media_type = media_type_of(document) if isinstance(document, dict) else None
+        if media_type is None:
+            log.error("manifest %s has no mediaType and no recognisable shape; not served", real)
+            return None
+        digest = digest_of(body)
+        own_name = os.path.basename(real)
+        if own_name.startswith("sha256:") and own_name != digest:
+            log.error("manifest %s hashes to %s, not to its name; not served", real, digest)
+            return None
+        return Manifest(body, media_type, digest)
+
+    def open_blob(self, name, digest, ns=None):
+        """An open file and its size for the blob, or RegistryError BLOB_UNKNOWN."""
+        for repo in self.repo_dirs(name, ns):
+            real = self._resolve_file(os.path.join(repo, "blobs", digest))
+            if not real:
+                continue
+            try:
+                f = open(real, "rb")
+            except OSError:
+                continue
+            st = os.fstat(f.fileno())
+            if stat.S_ISREG(st.st_mode):
+                return f, st.st_size
+            f.close()
+        raise RegistryError(HTTPStatus.NOT_FOUND, "BLOB_UNKNOWN", "blob unknown to registry",
+                            {"name": name, "digest": digest})
+
+    def tags(self, name, ns=None):
+        tags = set()
+        for repo in self.repo_dirs(name, ns):
+            try:
+                entries = os.listdir(os.path.join(repo, "manifests"))
+            except OSError:
+                continue
+            tags.update(e for e in entries if TAG_RE.fullmatch(e))
+        return sorted(tags)
+
+    def repositories(self):
+        """Every directory holding a manifests/ folder, as a repository name."""
+        names = []
+        for top, dirs, _files in os.walk(self.root):
+            if "manifests" in dirs:
+                names.append(os.path.relpath(top, self.root).replace(os.sep, "/"))
+            dirs[:] = [d for d in dirs if d not in ("manifests", "blobs")]
+        return sorted(n for n in names if NAME_RE.fullmatch(n) or _namespaced(n))
+
+
+def _namespaced(name):
+    host, _, rest = name.partition("/")
+    return bool(rest) and HOST_RE.fullmatch(host) and NAME_RE.fullmatch(rest)
+
+
+# --- The HTTP handler: one request, one route ----------------------------------------
+
+class BlobBody:
+    """A byte range of an open blob file, read like a file by copyfile()."""
+
+    def __init__(self, f, start, length):
+        self.file = f
+        self.remaining = length
+        if start:
+            f.seek(start)
+
+    def read(self, size=COPY_CHUNK):
+        data = self.file.read(min(size, self.remaining))
+        self.remaining -= len(data)
+        return data
+
+    def close(self):
+        self.file.close()
+
+
+class RegistryHandler(http.server.SimpleHTTPRequestHandler):
+    """Answers registry reads; SimpleHTTPRequestHandler's do_GET/do_HEAD call send_head()."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "embedded-registry/" + __version__
+    sys_version = ""
+    # A buffered writer sends a manifest's headers and body in one segment; blob chunks
+    # larger than the buffer go straight to the socket.
+    wbufsize = 64 * 1024
+
+    def setup(self):
+        self.timeout = self.server.idle_timeout
+        super().setup()
+        if self.connection.family in (socket.AF_INET, socket.AF_INET6):
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    # Dispatch ---------------------------------------------------------------------
+
+    def do_GET(self):
+        self._timed(super().do_GET)
+
+    def do_HEAD(self):
+        self._timed(super().do_HEAD)
+
+    def refuse_write(self):
+        def refuse():
+            body = self.send_oci_error(RegistryError(
+                HTTPStatus.METHOD_NOT_ALLOWED, "UNSUPPORTED", "this registry is read-only"))
+            self.copyfile(body, self.wfile)
+        self._timed(refuse)
+
+    do_PUT = do_POST = do_PATCH = do_DELETE = refuse_write
+
+    def send_head(self):
+        try:
+            route = parse_route(self.path)
+            return getattr(self, "serve_" + route.kind)(route)
+        except RegistryError as error:
+            return self.send_oci_error(error)
+
+    # Routes -----------------------------------------------------------------------
+
+    def serve_base(self, route):
+        return self.send_bytes(HTTPStatus.OK, b"{}", "application/json")
+
+    def serve_manifest(self, route):
+        manifest = self.server.tree.manifest(route.name, route.reference, route.ns)
+        digest = route.reference if is_digest(route.reference) else manifest.digest
+        return self.send_bytes(HTTPStatus.OK, manifest.body, manifest.media_type, [
+            ("Docker-Content-Digest", digest), ("ETag", '"%s"' % digest)])
+
+    def serve_blob(self, route):
+        f, size = self.server.tree.open_blob(route.name, route.reference, route.ns)
+        try:
+            span = parse_range(self.headers.get("Range"), size)
+        except RegistryError:
+            f.close()
+            raise
+        headers = [("Docker-Content-Digest", route.reference), ("Accept-Ranges", "bytes"),
+                   ("ETag", '"%s"' % route.reference)]
+        if span is None:
+            status, start, length = HTTPStatus.OK, 0, size
+        else:
+            status, start, length = HTTPStatus.PARTIAL_CONTENT, span[0], span[1] - span[0] + 1
+            headers.append(("Content-Range", "bytes %d-%d/%d" % (span[0], span[1], size)))
+        self.send_headers(status, "application/octet-stream", length, headers)
+        return BlobBody(f, start, length)
+
+    def serve_tags(self, route):
+        tags, more = paginate(self.server.tree.tags(route.name, route.ns), route.query)
+        return self.send_listing({"name": route.name, "tags": tags}, more, tags)
+
+    def serve_catalog(self, route):
+        names, more = paginate(self.server.tree.repositories(), route.query)
+        return self.send_listing({"repositories": names}, more, names)
+
+    # Responses --------------------------------------------------------------------
+
+    def send_headers(self, status, content_type, length, headers=()):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(length))
+        self.send_header(*API_VERSION_HEADER)
+        for key, value in headers:
+            self.send_header(key, value)
+        self.end_headers()
+        self.response_bytes = length
+
+    def send_bytes(self, status, body, content_type, headers=()):
+        self.send_headers(status, content_type, len(body), headers)
+        return io.BytesIO(body)
+
+    def send_listing(self, document, more, page):
+        headers = []
+        if more and page:
+            split = urllib.parse.urlsplit(self.path)
+            query = urllib.parse.parse_qs(split.query)
+            query["last"] = [page[-1]]
+            link = "%s?%s" % (split.path, urllib.parse.urlencode(query, doseq=True))
+            headers.append(("Link", '<%s>; rel="next"' % link))
+        return self.send_bytes(HTTPStatus.OK, json.dumps(document).encode(),
+                               "application/json", headers)
+
+    def send_oci_error(self, error):
+        body = oci_error_body(error.code, error.message, error.detail)
+        headers = list(getattr(error, "headers", []))
+        if error.status == HTTPStatus.METHOD_NOT_ALLOWED:
+            # The unread request body would corrupt the next request on this connection.
+            headers += [("Allow", "GET, HEAD"), ("Connection", "close")]
+        return self.send_bytes(error.status, body, "application/json", headers)
+
+    def send_error(self, code, message=None, explain=None):
+        """The base class's own errors (bad request line, 501, ...) as OCI JSON, closing."""
+        self.log_error("code %d, message %s", code, message)
+        self.close_connection = True
+        status = HTTPStatus(code)
+        body = oci_error_body(GENERIC_ERROR_CODES.get(status, "UNSUPPORTED"),
+                              message or status.phrase)
+        self.send_response(code, message)
+        self.send_header("Connection", "close")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD" and code >= 200 and code not in (204, 304):
+            self.wfile.write(body)
+        self.response_bytes = len(body)
+
+    def copyfile(self, source, outputfile):
+        while True:
+            chunk = source.read(COPY_CHUNK)
+            if not chunk:
+                break
+            outputfile.write(chunk)
+
+    # Logging ----------------------------------------------------------------------
+
+    def _timed(self, method):
+        started = time.monotonic()
+        self.response_status = self.response_bytes = 0
+        try:
+            method()
+        finally:
+            log.info("%s %s %s %s %d %.3fs", self.client_address[0], self.command,
+                     escape_for_log(self.path), self.response_status,
+                     self.response_bytes, time.monotonic() - started)
+
+    def log_request(self, code="-", size="-"):
+        self.response_status = int(code)
+
+    def log_message(self, format, *args):
+        # The base class reports clients' faults here (bad request lines, timeouts).
+        log.info("%s %s", self.client_address[0], escape_for_log(format % args))
+
+
+# --- The server: sockets, TLS, lifecycle -----------------------------------------------
+
+class RegistryServer(http.server.ThreadingHTTPServer):
+    """Owns the listening socket, the TLS context and the tree; a thread per connection."""
+
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, address, tree, ssl_context=None, *, max_connections=256,
+                 handshake_timeout=10.0, idle_timeout=60.0, handler_class=RegistryHandler):
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.tree = tree
+        self.ssl_context = ssl_context
+        self.handshake_timeout = handshake_timeout
+        self.idle_timeout = idle_timeout
+        # Acquired in the accept loop: past the limit, new connections wait in the backlog.
+        self._slots = threading.BoundedSemaphore(max_connections)
+        super().__init__(address, handler_class)
+
+    def server_bind(self):
+        # HTTPServer.server_bind() resolves the host name, which can hang without DNS.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    @property
+    def url(self):
+        host, port = self.server_address[:2]
+        host = "[%s]" % host if ":" in host else host
+        return "%s://%s:%d" % ("https" if self.ssl_context else "http", host, port)
+
+    def process_request(self, request, client_address):
+        self._slots.acquire()
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def finish_request(self, request, client_address):
+        """Runs in the connection's own thread, so a slow TLS handshake stalls no one else."""
+        if self.ssl_context is None:
+            self.RequestHandlerClass(request, client_address, self, directory=self.tree.root)
+            return
+        request.settimeout(self.handshake_timeout)
+        try:
+            tls = self.ssl_context.wrap_socket(request, server_side=True)
+        except (OSError, ValueError) as error:
+            log.info("%s TLS handshake failed: %s", client_address[0], error)
+            return
+        try:
+            self.RequestHandlerClass(tls, client_address, self, directory=self.tree.root)
+        finally:
+            self.shutdown_request(tls)
+
+    def handle_error(self, request, client_address):
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError, ssl.SSLError)):
+            log.info("%s connection closed: %s", client_address[0], error)
+        else:
+            log.error("%s request failed: %r", client_address[0], error,
+                      exc_info=log.isEnabledFor(logging.DEBUG))
+
+
+class ConfigError(Exception):
+    """A problem with the command line or the files it names; main() reports it."""
+
+
+def make_tls_context(cert, key):
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    for flag, path in (("--cert", cert), ("--key", key)):
+        try:
+            open(path, "rb").close()
+        except OSError as error:
+            raise ConfigError("cannot read %s %s: %s" % (flag, path, error.strerror))
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as error:
+        raise ConfigError("cannot load certificate %s with key %s: %s" % (cert, key, error))
+    return context
+
+
+def parse_listen(text):
+    """'HOST:PORT', '[v6]:PORT' or ':PORT' (all interfaces) -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError("--listen %r: expected HOST:PORT, e.g. 127.0.0.1:5443" % text)
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    return host or "0.0.0.0", int(port)
+
+
+def is_loopback(host):
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def build_server(args):
+    if not os.path.isdir(args.root):
+        raise ConfigError("root directory %s does not exist (--root)" % args.root)
+    context = make_tls_context(args.cert, args.key) if args.cert else None
+    host, port = parse_listen(args.listen)
+    try:
+        return RegistryServer((host, port), Tree(args.root), context,
+                              max_connections=args.max_connections,
+                              handshake_timeout=args.handshake_timeout,
+                              idle_timeout=args.idle_timeout)
+    except OSError as error:
+        raise ConfigError("cannot listen on %s: %s" % (args.listen, error.strerror or error))
+
+
+def serve_until_signalled(server):
+    def stop(signum, _frame):
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        # shutdown() waits for serve_forever() to return, so it cannot run on its thread.
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+
+
+# --- Command line --------------------------------------------------------------------
+
+def make_parser():
+    parser = argparse.ArgumentParser(
+        prog="embedded_registry.py",
+        description="Serve a registry tree read-only to containerd, skopeo and podman.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  python3 embedded_registry.py --root /var/lib/rancher/k3s/server/registry \\\n"
+               "      --cert server.crt --key server.key\n"
+               "  python3 embedded_registry.py --root ./registry --listen 127.0.0.1:5000\n")
+    parser.add_argument("--root", default=DEFAULT_ROOT,
+                        help="the registry tree to serve (default: %(default)s)")
+    parser.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
+                        help="address to listen on; [::1]:PORT for IPv6, :PORT for every "
+                             "interface (default: %(default)s)")
+    tls = parser.add_argument_group("TLS (without --cert/--key the server speaks plain HTTP)")
+    tls.add_argument("--cert", metavar="FILE", help="PEM certificate chain, server first")
+    tls.add_argument("--key", metavar="FILE", help="PEM private key of --cert")
+    limits = parser.add_argument_group("limits")
+    limits.add_argument("--max-connections", type=int, default=256, metavar="N",
+                        help="connections served at once; more wait (default: %(default)s)")
+    limits.add_argument("--handshake-timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="time allowed for a TLS handshake (default: %(default)s)")
+    limits.add_argument("--idle-timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="time a connection may stay silent, between requests or while "
+                             "a client stops reading (default: %(default)s)")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="log warnings and errors only, no access log")
+    parser.add_argument("--debug", action="store_true", help="log tracebacks of failures")
+    return parser
+
+
+def main(argv=None):
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if bool(args.cert) != bool(args.key):
+        parser.error("--cert and --key go together")
+    if args.max_connections < 1:
+        parser.error("--max-connections must be at least 1")
+    level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        server = build_server(args)
+    except ConfigError as error:
+        print("%s: error: %s" % (parser.prog, error), file=sys.stderr)
+        return 2
+    if server.ssl_context is None and not is_loopback(server.server_address[0]):
+        log.warning("serving plain HTTP beyond loopback on %s: give --cert and --key for TLS",
+                    args.listen)
+    log.info("serving %s/v2/ from %s", server.url, server.tree.root)
+    serve_until_signalled(server)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,670 @@
+"""Tests for embedded_registry.py and download_system_images.py.
+
+Fixture images are built here with tarfile/gzip/json, independently of the code under
+test. Servers run on free loopback ports (port 0). Real clients (skopeo, containerd's
+ctr, podman) are used where installed; with REQUIRE_REAL_CLIENTS=1 a missing one fails.
+"""
+
+import contextlib
+import gzip
+import hashlib
+import http.client
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+
+import pytest
+
+import embedded_registry as er
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REQUIRE_REAL_CLIENTS = os.environ.get("REQUIRE_REAL_CLIENTS") == "1"
+MIRROR = "bootstrap-registry.airgap"
+ACCEPT_CONTAINERD = ", ".join([er.DOCKER_MANIFEST, er.DOCKER_LIST, er.OCI_MANIFEST,
+                               er.OCI_INDEX, "*/*"])
+
+
+def need(tool):
+    """The path of a real tool; skip (or fail, where CI requires them) when it is missing."""
+    path = shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin:/usr/bin")
+    if path:
+        return path
+    message = "%s is not installed (apt-get install it, see .ci/run)" % tool
+    if REQUIRE_REAL_CLIENTS:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def run(argv, **kwargs):
+    """Run a command; on failure the assertion shows its output."""
+    kwargs.setdefault("timeout", 300)
+    result = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True, **kwargs)
+    assert result.returncode == 0, "%s failed (%d):\n%s\n%s" % (
+        " ".join(argv), result.returncode, result.stdout[-3000:], result.stderr[-3000:])
+    return result
+
+
+def sha256(data):
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+# --- Fixture images -------------------------------------------------------------------
+
+def make_layer(files):
+    """A reproducible gzipped tar of {path: bytes}; returns (compressed, uncompressed)."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for path, data in sorted(files.items()):
+            info = tarfile.TarInfo(path)
+            info.size, info.mode, info.mtime = len(data), 0o755, 0
+            tar.addfile(info, io.BytesIO(data))
+    packed = io.BytesIO()
+    with gzip.GzipFile(fileobj=packed, mode="wb", mtime=0) as gz:
+        gz.write(raw.getvalue())
+    return packed.getvalue(), raw.getvalue()
+
+
+class TreeBuilder:
+    """Writes images in the tree layout: one shared ROOT/blobs, a symlink chain per repo."""
+
+    def __init__(self, root):
+        self.root = str(root)
+        os.makedirs(os.path.join(self.root, "blobs"), exist_ok=True)
+
+    def link_blobs(self, repo):
+        parts = repo.split("/")
+        for depth in range(len(parts), 0, -1):
+            link = os.path.join(self.root, *parts[:depth], "blobs")
+            os.makedirs(os.path.dirname(link), exist_ok=True)
+            if not os.path.lexists(link):
+                os.symlink("../blobs", link)
+
+    def blob(self, data, media_type):
+        digest = sha256(data)
+        with open(os.path.join(self.root, "blobs", digest), "wb") as f:
+            f.write(data)
+        return {"mediaType": media_type, "digest": digest, "size": len(data)}
+
+    def manifest(self, repo, body, tag=None):
+        directory = os.path.join(self.root, repo, "manifests")
+        os.makedirs(directory, exist_ok=True)
+        self.link_blobs(repo)
+        digest = sha256(body)
+        with open(os.path.join(directory, digest), "wb") as f:
+            f.write(body)
+        if tag:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(directory, tag))
+            os.symlink(digest, os.path.join(directory, tag))
+        return digest
+
+    def image(self, repo, arch, docker=False, with_media_type=True, extra=b"", tag=None):
+        """One runnable single-platform image; returns (manifest bytes, digest)."""
+        base, base_raw = make_layer({"etc/os-release": b"ID=fixture\n"})
+        top, top_raw = make_layer({"app/" + arch: b"%s %s %s" % (repo.encode(), arch.encode(), extra)})
+        config = json.dumps({
+            "architecture": arch, "os": "linux",
+            "config": {"Entrypoint": ["/app/" + arch]},
+            "rootfs": {"type": "layers", "diff_ids": [sha256(base_raw), sha256(top_raw)]},
+        }, sort_keys=True).encode()
+        if docker:
+            types = (er.DOCKER_MANIFEST, "application/vnd.docker.container.image.v1+json",
+                     "application/vnd.docker.image.rootfs.diff.tar.gzip")
+        else:
+            types = (er.OCI_MANIFEST, "application/vnd.oci.image.config.v1+json",
+                     "application/vnd.oci.image.layer.v1.tar+gzip")
+        document = {"schemaVersion": 2, "mediaType": types[0],
+                    "config": self.blob(config, types[1]),
+                    "layers": [self.blob(base, types[2]), self.blob(top, types[2])]}
+        if not with_media_type:
+            del document["mediaType"]
+        body = json.dumps(document, indent=3).encode()
+        return body, self.manifest(repo, body, tag)
+
+    def index(self, repo, tag, arches, docker=False):
+        """A multi-platform index (OCI) or manifest list (Docker) with its children."""
+        children = []
+        for arch in arches:
+            body, digest = self.image(repo, arch, docker=docker)
+            children.append({"mediaType": er.DOCKER_MANIFEST if docker else er.OCI_MANIFEST,
+                             "digest": digest, "size": len(body),
+                             "platform": {"architecture": arch, "os": "linux"}})
+        document = {"schemaVersion": 2, "mediaType": er.DOCKER_LIST if docker else er.OCI_INDEX,
+                    "manifests": children}
+        body = json.dumps(document).encode()
+        return body, self.manifest(repo, body, tag), [c["digest"] for c in children]
+
+
+class Fixture:
+    """The images every client test pulls, and what each should resolve to."""
+
+    def __init__(self, root):
+        self.root = str(root)
+        builder = TreeBuilder(root)
+        self.builder = builder
+        self.images = {}  # "repo:tag" -> (digest, media type, child digests)
+        body, digest, children = builder.index("library/multi", "v1", ["amd64", "arm64"])
+        self.images["library/multi:v1"] = (digest, er.OCI_INDEX, children)
+        body, digest, children = builder.index("rancher/docker-list", "v2", ["amd64", "arm64"],
+                                               docker=True)
+        self.images["rancher/docker-list:v2"] = (digest, er.DOCKER_LIST, children)
+        body, digest = builder.image("plain/no-media-type", "amd64", with_media_type=False,
+                                     tag="latest")
+        self.images["plain/no-media-type:latest"] = (digest, er.OCI_MANIFEST, [])
+        body, digest = builder.image("a/b/c/d", "amd64", docker=True, tag="1.0")
+        self.images["a/b/c/d:1.0"] = (digest, er.DOCKER_MANIFEST, [])
+
+    def file(self, *parts):
+        return os.path.join(self.root, *parts)
+
+
+# --- Certificates and servers ---------------------------------------------------------
+
+def make_ca_and_cert(directory, name="server"):
+    """A CA and a server certificate for 127.0.0.1/::1/localhost, made with openssl."""
+    openssl = need("openssl")
+    d = str(directory)
+    ca_key, ca_crt = os.path.join(d, "ca.key"), os.path.join(d, "ca.crt")
+    if not os.path.exists(ca_crt):
+        run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+             "-subj", "/CN=embedded-registry test CA", "-keyout", ca_key, "-out", ca_crt])
+    key, csr, crt = (os.path.join(d, name + ext) for ext in (".key", ".csr", ".crt"))
+    ext = os.path.join(d, name + ".ext")
+    with open(ext, "w") as f:
+        f.write("subjectAltName=IP:127.0.0.1,IP:::1,DNS:localhost\n"
+                "extendedKeyUsage=serverAuth,clientAuth\n")
+    run([openssl, "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=" + name,
+         "-keyout", key, "-out", csr])
+    run([openssl, "x509", "-req", "-in", csr, "-CA", ca_crt, "-CAkey", ca_key,
+         "-CAcreateserial", "-days", "2", "-extfile", ext, "-out", crt])
+    return {"ca": ca_crt, "cert": crt, "key": key, "dir": d}
+
+
+@contextlib.contextmanager
+def serving(root, tls=None, **kwargs):
+    """The real server, in this process, on a free loopback port."""
+    context = er.make_tls_context(tls["cert"], tls["key"]) if tls else None
+    server = er.RegistryServer(("127.0.0.1", 0), er.Tree(str(root)), context, **kwargs)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def host_port(server):
+    return "127.0.0.1:%d" % server.server_address[1]
+
+
+def connect(server, tls=None):
+    if server.ssl_context is None:
+        return http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
+    context = ssl.create_default_context(cafile=tls["ca"])
+    return http.client.HTTPSConnection("127.0.0.1", server.server_address[1], timeout=30,
+                                       context=context)
+
+
+def fetch(conn, method, path, headers=None):
+    conn.request(method, path, headers=headers or {})
+    response = conn.getresponse()
+    return response.status, response.headers, response.read()
+
+
+def raw_exchange(server, data, timeout=10):
+    """Send raw bytes to a plain-HTTP server; return all it answers before closing."""
+    with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except socket.timeout:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.fixture(scope="session")
+def tls(tmp_path_factory):
+    return make_ca_and_cert(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="session")
+def fixture(tmp_path_factory):
+    return Fixture(tmp_path_factory.mktemp("registry"))
+
+
+@pytest.fixture(scope="session")
+def tls_server(fixture, tls):
+    with serving(fixture.root, tls) as server:
+        yield server
+
+
+@pytest.fixture()
+def plain_server(fixture):
+    with serving(fixture.root) as server:
+        yield server
+
+
+# --- Pure functions -------------------------------------------------------------------
+
+@pytest.mark.parametrize("path, expected", [
+    ("/v2/", ("base", None, None, None)),
+    ("/v2", ("base", None, None, None)),
+    ("/v2/_catalog?n=5", ("catalog", None, None, None)),
+    ("/v2/a/b/tags/list", ("tags", "a/b", None, None)),
+    ("/v2/rancher/pause/manifests/3.6", ("manifest", "rancher/pause", "3.6", None)),
+    ("/v2/x/manifests/t?ns=docker.io", ("manifest", "x", "t", "docker.io")),
+    ("/v2/x/manifests/t?ns=localhost:5000", ("manifest", "x", "t", "localhost:5000")),
+    ("/v2/x/manifests/t?ns=../../etc", ("manifest", "x", "t", None)),
+    ("/v2/x/manifests/t?ns=a/b", ("manifest", "x", "t", None)),
+    ("/v2/a/manifests/b/manifests/c", ("manifest", "a/manifests/b", "c", None)),
+    ("/v2/x/blobs/sha256:" + "a" * 64, ("blob", "x", "sha256:" + "a" * 64, None)),
+    ("/v2/x/blobs/sha512:" + "b" * 128, ("blob", "x", "sha512:" + "b" * 128, None)),
+])
+def test_parse_route(path, expected):
+    route = er.parse_route(path)
+    assert (route.kind, route.name, route.reference, route.ns) == expected
+
+
+@pytest.mark.parametrize("path, status, code", [
+    ("/", 404, "NOT_FOUND"),
+    ("/v1/x", 404, "NOT_FOUND"),
+    ("/v2/UPPER/manifests/t", 400, "NAME_INVALID"),
+    ("/v2/%2e%2e/manifests/t", 400, "NAME_INVALID"),
+    ("/v2/a/../b/manifests/t", 400, "NAME_INVALID"),
+    ("/v2/a%2fb/manifests/t", 400, "NAME_INVALID"),
+    ("/v2/a%00/manifests/t", 400, "NAME_INVALID"),
+    ("/v2/" + "a" * 300 + "/manifests/t", 400, "NAME_INVALID"),
+    ("/v2/x/manifests/.INVALID_MANIFEST_NAME", 404, "MANIFEST_UNKNOWN"),
+    ("/v2/x/manifests/..", 404, "MANIFEST_UNKNOWN"),
+    ("/v2/x/manifests/" + "t" * 129, 404, "MANIFEST_UNKNOWN"),
+    ("/v2/x/manifests/sha256:totallywrong", 400, "DIGEST_INVALID"),
+    ("/v2/x/blobs/sha256:abc", 400, "DIGEST_INVALID"),
+    ("/v2/x/blobs/md5:" + "a" * 32, 400, "DIGEST_INVALID"),
+    ("/v2/x/blobs/sha256:" + "A" * 64, 400, "DIGEST_INVALID"),
+    ("/v2/x/blobs/latest", 400, "DIGEST_INVALID"),
+])
+def test_parse_route_rejects(path, status, code):
+    with pytest.raises(er.RegistryError) as caught:
+        er.parse_route(path)
+    assert (caught.value.status, caught.value.code) == (status, code)
+
+
+@pytest.mark.parametrize("document, expected", [
+    ({"mediaType": er.DOCKER_LIST, "manifests": []}, er.DOCKER_LIST),
+    ({"schemaVersion": 2, "manifests": []}, er.OCI_INDEX),
+    ({"schemaVersion": 2, "config": {}, "layers": []}, er.OCI_MANIFEST),
+    ({"schemaVersion": 1, "fsLayers": []}, er.DOCKER_SCHEMA1),
+    ({"schemaVersion": 1, "fsLayers": [], "signatures": []}, er.DOCKER_SCHEMA1_SIGNED),
+    ({"schemaVersion": 2}, None),
+])
+def test_media_type_of(document, expected):
+    assert er.media_type_of(document) == expected
+
+
+@pytest.mark.parametrize("header, size, expected", [
+    (None, 10, None),
+    ("bytes=0-0", 10, (0, 0)),
+    ("bytes=3-", 10, (3, 9)),
+    ("bytes=3-100", 10, (3, 9)),
+    ("bytes=-4", 10, (6, 9)),
+    ("bytes=-40", 10, (0, 9)),
+    ("bytes=9-9", 10, (9, 9)),
+    ("bytes=0-1,4-5", 10, None),
+    ("items=0-1", 10, None),
+    ("bytes=5-2", 10, None),
+    ("bytes=x-", 10, None),
+    ("bytes=-", 10, None),
+])
+def test_parse_range(header, size, expected):
+    assert er.parse_range(header, size) == expected
+
+
+@pytest.mark.parametrize("header, size", [("bytes=10-", 10), ("bytes=-0", 10), ("bytes=0-", 0)])
+def test_parse_range_unsatisfiable(header, size):
+    with pytest.raises(er.RegistryError) as caught:
+        er.parse_range(header, size)
+    assert caught.value.status == 416
+
+
+def test_parse_listen():
+    assert er.parse_listen("127.0.0.1:5443") == ("127.0.0.1", 5443)
+    assert er.parse_listen("[::1]:80") == ("::1", 80)
+    assert er.parse_listen(":5443") == ("0.0.0.0", 5443)
+    for bad in ("5443", "host:", "host:99999", "host:http"):
+        with pytest.raises(er.ConfigError):
+            er.parse_listen(bad)
+
+
+# --- The protocol over real TLS -------------------------------------------------------
+
+def test_base_endpoint(tls_server, tls):
+    conn = connect(tls_server, tls)
+    for method in ("GET", "HEAD"):
+        status, headers, body = fetch(conn, method, "/v2/")
+        assert status == 200
+        assert headers["Docker-Distribution-API-Version"] == "registry/2.0"
+        assert body == (b"{}" if method == "GET" else b"")
+        assert headers["Content-Length"] == "2"
+
+
+def test_manifests_by_tag_and_digest(tls_server, tls, fixture):
+    conn = connect(tls_server, tls)
+    for image, (digest, media_type, children) in fixture.images.items():
+        repo, tag = image.rsplit(":", 1)
+        with open(fixture.file(repo, "manifests", digest), "rb") as f:
+            expected = f.read()
+        for reference in (tag, digest):
+            path = "/v2/%s/manifests/%s" % (repo, reference)
+            status, headers, body = fetch(conn, "GET", path, {"Accept": ACCEPT_CONTAINERD})
+            assert status == 200, path
+            assert body == expected
+            assert headers["Content-Type"] == media_type
+            assert headers["Docker-Content-Digest"] == digest
+            assert headers["Content-Length"] == str(len(expected))
+            assert headers["ETag"] == '"%s"' % digest
+            status, head_headers, head_body = fetch(conn, "HEAD", path,
+                                                    {"Accept": er.OCI_MANIFEST})
+            assert (status, head_body) == (200, b"")
+            assert head_headers["Docker-Content-Digest"] == digest
+            assert head_headers["Content-Length"] == str(len(expected))
+            assert head_headers["Content-Type"] == media_type
+
+
+def test_blobs_and_ranges(tls_server, tls, fixture):
+    conn = connect(tls_server, tls)
+    digest = fixture.images["library/multi:v1"][2][0]
+    with open(fixture.file("library/multi", "manifests", digest), "rb") as f:
+        layer = json.load(f)["layers"][1]
+    with open(fixture.file("blobs", layer["digest"]), "rb") as f:
+        data = f.read()
+    path = "/v2/library/multi/blobs/" + layer["digest"]
+    status, headers, body = fetch(conn, "GET", path, {"Accept-Encoding": "zstd, gzip, deflate"})
+    assert (status, body) == (200, data)
+    assert headers["Content-Type"] == "application/octet-stream"
+    assert headers["Docker-Content-Digest"] == layer["digest"]
+    assert headers["Accept-Ranges"] == "bytes"
+    assert "Content-Encoding" not in headers
+    status, headers, body = fetch(conn, "HEAD", path)
+    assert (status, body, headers["Content-Length"]) == (200, b"", str(len(data)))
+    size = len(data)
+    for header, first, last in [("bytes=0-0", 0, 0), ("bytes=7-", 7, size - 1),
+                                ("bytes=-5", size - 5, size - 1), ("bytes=3-9", 3, 9)]:
+        status, headers, body = fetch(conn, "GET", path, {"Range": header})
+        assert status == 206, header
+        assert body == data[first:last + 1]
+        assert headers["Content-Range"] == "bytes %d-%d/%d" % (first, last, size)
+    status, headers, body = fetch(conn, "GET", path, {"Range": "bytes=%d-" % size})
+    assert status == 416
+    assert headers["Content-Range"] == "bytes */%d" % size
+    status, headers, body = fetch(conn, "GET", path, {"Range": "bytes=0-1,4-5"})
+    assert (status, body) == (200, data)
+    # The nested repository reaches the same shared store through its symlink chain.
+    status, _, body = fetch(conn, "GET", "/v2/a/b/c/d/blobs/" + layer["digest"])
+    assert (status, body) == (200, data)
+
+
+@pytest.mark.parametrize("method, path, status, code", [
+    ("GET", "/v2/nothing/here/manifests/latest", 404, "NAME_UNKNOWN"),
+    ("GET", "/v2/library/multi/manifests/v9", 404, "MANIFEST_UNKNOWN"),
+    ("GET", "/v2/library/multi/manifests/sha256:" + "0" * 64, 404, "MANIFEST_UNKNOWN"),
+    ("HEAD", "/v2/library/multi/manifests/.INVALID_MANIFEST_NAME", 404, None),
+    ("GET", "/v2/library/multi/manifests/sha256:totallywrong", 400, "DIGEST_INVALID"),
+    ("GET", "/v2/library/multi/blobs/sha256:" + "0" * 64, 404, "BLOB_UNKNOWN"),
+    ("GET", "/v2/library/multi/blobs/sha256:nothex", 400, "DIGEST_INVALID"),
+    ("GET", "/v2/Library/multi/manifests/v1", 400, "NAME_INVALID"),
+    ("GET", "/v2/library/multi/blobs/uploads/", 404, "NOT_FOUND"),
+    ("PUT", "/v2/library/multi/manifests/v1", 405, "UNSUPPORTED"),
+    ("POST", "/v2/library/multi/blobs/uploads/", 405, "UNSUPPORTED"),
+    ("PATCH", "/v2/library/multi/blobs/uploads/x", 405, "UNSUPPORTED"),
+    ("DELETE", "/v2/library/multi/manifests/v1", 405, "UNSUPPORTED"),
+    ("GET", "/favicon.ico", 404, "NOT_FOUND"),
+    ("GET", "/v2/library/", 404, "NOT_FOUND"),
+])
+def test_errors_are_oci_json(tls_server, tls, method, path, status, code):
+    conn = connect(tls_server, tls)
+    got, headers, body = fetch(conn, method, path, {"Content-Length": "0"})
+    assert got == status
+    assert headers["Content-Length"] == str(len(body)) or method == "HEAD"
+    if code:
+        assert headers["Content-Type"] == "application/json"
+        assert json.loads(body)["errors"][0]["code"] == code
+    if status == 405:
+        assert headers["Allow"] == "GET, HEAD"
+    # The connection stays usable after an error.
+    assert fetch(conn, "GET", "/v2/")[0] == 200
+
+
+def test_ns_prefers_the_namespaced_tree(tmp_path, tls):
+    builder = TreeBuilder(tmp_path)
+    _, trimmed = builder.image("library/app", "amd64", tag="1")
+    _, namespaced = builder.image("docker.io/library/app", "amd64", extra=b"ns", tag="1")
+    _, ported = builder.image("localhost:5000/team/app", "amd64", extra=b"port", tag="1")
+    with serving(tmp_path, tls) as server:
+        conn = connect(server, tls)
+        cases = [("", trimmed), ("?ns=docker.io", namespaced), ("?ns=quay.io", trimmed),
+                 ("?ns=localhost:5000", None), ("?ns=..", trimmed), ("?x=1&ns=docker.io", namespaced)]
+        for query, expected in cases:
+            status, headers, _ = fetch(conn, "HEAD", "/v2/library/app/manifests/1" + query)
+            assert status == 200
+            assert headers["Docker-Content-Digest"] == expected or expected is None
+        status, headers, _ = fetch(conn, "HEAD", "/v2/team/app/manifests/1?ns=localhost:5000")
+        assert (status, headers["Docker-Content-Digest"]) == (200, ported)
+
+
+def test_keep_alive_across_many_requests(tls_server, tls, fixture):
+    conn = connect(tls_server, tls)
+    digest = fixture.images["library/multi:v1"][0]
+    fetch(conn, "GET", "/v2/")
+    first_socket = conn.sock
+    for i in range(200):
+        method = ("GET", "HEAD")[i % 2]
+        path = ["/v2/library/multi/manifests/v1", "/v2/missing/manifests/v1",
+                "/v2/library/multi/manifests/" + digest][i % 3]
+        status, headers, body = fetch(conn, method, path)
+        assert status in (200, 404)
+        assert "Content-Length" in headers
+    assert conn.sock is first_socket
+
+
+def test_listings(tls_server, tls, fixture):
+    conn = connect(tls_server, tls)
+    status, _, body = fetch(conn, "GET", "/v2/_catalog")
+    assert json.loads(body)["repositories"] == sorted(
+        image.rsplit(":", 1)[0] for image in fixture.images)
+    status, headers, body = fetch(conn, "GET", "/v2/_catalog?n=2")
+    page = json.loads(body)["repositories"]
+    assert len(page) == 2
+    assert headers["Link"] == '</v2/_catalog?n=2&last=%s>; rel="next"' % page[-1].replace("/", "%2F")
+    status, _, body = fetch(conn, "GET", "/v2/library/multi/tags/list")
+    assert json.loads(body) == {"name": "library/multi", "tags": ["v1"]}
+
+
+# --- Safety ---------------------------------------------------------------------------
+
+@pytest.fixture()
+def hostile_tree(tmp_path):
+    """A tree with links pointing out of the root, and a canary file outside it."""
+    root = tmp_path / "root"
+    builder = TreeBuilder(root)
+    builder.image("good/app", "amd64", tag="1")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    canary = b'{"schemaVersion": 2, "manifests": [], "canary": true}'
+    canary_digest = sha256(canary)
+    for name in ("canary.json", canary_digest):
+        (outside / name).write_bytes(canary)
+    os.makedirs(root / "evil" / "manifests")
+    os.symlink(str(outside / "canary.json"), str(root / "evil" / "manifests" / "latest"))
+    os.symlink(str(outside), str(root / "evil" / "blobs"))
+    os.symlink("../../outside", str(root / "escape"))
+    return {"root": root, "canary": canary, "digest": canary_digest}
+
+
+def test_nothing_outside_the_root_is_served(hostile_tree, caplog):
+    attacks = [
+        b"GET /v2/../canary.json HTTP/1.1\r\n\r\n",
+        b"GET /v2/%2e%2e/%2e%2e/outside/manifests/canary.json HTTP/1.1\r\n\r\n",
+        b"GET /v2/evil/manifests/latest HTTP/1.1\r\n\r\n",
+        b"GET /v2/evil/blobs/" + hostile_tree["digest"].encode() + b" HTTP/1.1\r\n\r\n",
+        b"GET /v2/escape/manifests/canary.json HTTP/1.1\r\n\r\n",
+        b"GET /v2/good/app/blobs/..%2f..%2fescape%2fcanary.json HTTP/1.1\r\n\r\n",
+        b"GET /v2/good\x00/manifests/1 HTTP/1.1\r\n\r\n",
+        b"GET /v2/" + b"a/" * 5000 + b"manifests/1 HTTP/1.1\r\n\r\n",
+        b"GET /" + b"x" * 70000 + b" HTTP/1.1\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + os.urandom(64) + b"\r\n\r\n",
+        b"GET /v2/ HTTP/1.1\r\n" + b"X-Long: " + b"y" * 70000 + b"\r\n\r\n",
+        b"GET /v2/ HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(150)) + b"\r\n",
+    ]
+    with caplog.at_level(logging.INFO, logger="embedded_registry"):
+        with serving(hostile_tree["root"], idle_timeout=2) as server:
+            for attack in attacks:
+                answer = raw_exchange(server, attack)
+                assert b'"canary": true' not in answer
+                status = int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/") else None
+                assert status is None or 400 <= status < 500, attack[:80]
+            conn = connect(server)
+            assert fetch(conn, "GET", "/v2/good/app/manifests/1")[0] == 200
+            # A malformed ns is only ignored: the plain tree answers.
+            assert fetch(conn, "GET", "/v2/good/app/manifests/1?ns=../../outside")[0] == 200
+    assert "Traceback" not in caplog.text
+    assert max(len(line) for line in caplog.text.splitlines()) < 1000
+    assert "resolves outside the root" in caplog.text
+
+
+def test_corrupt_manifest_is_not_served(tmp_path, caplog):
+    builder = TreeBuilder(tmp_path)
+    body, digest = builder.image("app", "amd64", tag="good")
+    path = os.path.join(str(tmp_path), "app", "manifests", digest)
+    with open(path, "wb") as f:
+        f.write(body.replace(b"amd64", b"arm64") if b"amd64" in body else body + b" ")
+    with open(os.path.join(str(tmp_path), "app", "manifests", "broken"), "wb") as f:
+        f.write(b"{not json")
+    with caplog.at_level(logging.ERROR, logger="embedded_registry"):
+        with serving(tmp_path) as server:
+            conn = connect(server)
+            for reference in (digest, "good", "broken"):
+                status, _, body = fetch(conn, "GET", "/v2/app/manifests/" + reference)
+                assert status == 404, reference
+                assert json.loads(body)["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+    assert path in caplog.text
+    assert "broken" in caplog.text
+
+
+def test_manifest_changes_are_seen(tmp_path):
+    builder = TreeBuilder(tmp_path)
+    _, first = builder.image("app", "amd64", tag="1")
+    with serving(tmp_path) as server:
+        conn = connect(server)
+        assert fetch(conn, "HEAD", "/v2/app/manifests/1")[1]["Docker-Content-Digest"] == first
+        _, second = builder.image("app", "amd64", extra=b"v2", tag="1")
+        assert fetch(conn, "HEAD", "/v2/app/manifests/1")[1]["Docker-Content-Digest"] == second
+
+
+# --- The command line, as a subprocess ------------------------------------------------
+
+@contextlib.contextmanager
+def server_process(*args):
+    """embedded_registry.py as a subprocess on port 0; yields (process, base URL)."""
+    argv = [sys.executable, os.path.join(HERE, "embedded_registry.py"),
+            "--listen", "127.0.0.1:0"] + list(args)
+    process = subprocess.Popen(argv, stderr=subprocess.PIPE, universal_newlines=True)
+    try:
+        line = process.stderr.readline()
+        match = re.search(r"serving (\S+)/v2/", line)
+        assert match, "no start-up line: %r" % line
+        yield process, match.group(1)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(10)
+        process.stderr.close()
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated")
+def test_cli_serves_tls_and_logs_access(fixture, tls):
+    with server_process("--root", fixture.root, "--cert", tls["cert"], "--key", tls["key"]) as (
+            process, url):
+        assert url.startswith("https://127.0.0.1:")
+        port = int(url.rsplit(":", 1)[1])
+        context = ssl.create_default_context(cafile=tls["ca"])
+        conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
+        assert fetch(conn, "GET", "/v2/library/multi/manifests/v1")[0] == 200
+        with pytest.raises(ssl.SSLError):
+            weak = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            weak.load_verify_locations(tls["ca"])
+            weak.maximum_version = ssl.TLSVersion.TLSv1_1
+            http.client.HTTPSConnection("127.0.0.1", port, context=weak, timeout=10).request(
+                "GET", "/v2/")
+        conn.close()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(10) == 0
+        log_text = process.stderr.read()
+    assert re.search(r"127\.0\.0\.1 GET /v2/library/multi/manifests/v1 200 \d+ [\d.]+s", log_text)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--root", "/nonexistent/registry"], "root directory /nonexistent/registry does not exist"),
+    (["--root", ".", "--cert", "/nonexistent.crt", "--key", "/nonexistent.key"],
+     "/nonexistent.crt"),
+    (["--root", ".", "--cert", __file__, "--key", __file__], "cannot load certificate"),
+    (["--root", ".", "--listen", "localhost"], "--listen"),
+])
+def test_cli_errors_are_one_line(args, message):
+    result = subprocess.run([sys.executable, os.path.join(HERE, "embedded_registry.py")] + args,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True, timeout=30)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_cli_port_in_use(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, os.path.join(HERE, "embedded_registry.py"), "--root", str(tmp_path),
+             "--listen", "127.0.0.1:%d" % port],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=30)
+    assert result.returncode == 2
+    assert "cannot listen on 127.0.0.1:%d" % port in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_help_names_every_flag():
+    result = run([sys.executable, os.path.join(HERE, "embedded_registry.py"), "--help"])
+    for flag in ("--root", "--listen", "--cert", "--key", "--max-connections",
+                 "--handshake-timeout", "--idle-timeout", "--quiet"):
+        assert flag in result.stdout
+
+
+def test_silent_tls_client_does_not_stall_others(fixture, tls):
+    with serving(fixture.root, tls, handshake_timeout=30) as server:
+        silent = socket.create_connection(("127.0.0.1", server.server_address[1]))
+        try:
+            started = time.monotonic()
+            conn = connect(server, tls)
+            assert fetch(conn, "GET", "/v2/")[0] == 200
+            assert time.monotonic() - started < 10
+        finally:
+            silent.close()
