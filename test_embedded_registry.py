@@ -21,6 +21,7 @@ import ssl
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 
@@ -113,7 +114,8 @@ class TreeBuilder:
     def image(self, repo, arch, docker=False, with_media_type=True, extra=b"", tag=None):
         """One runnable single-platform image; returns (manifest bytes, digest)."""
         base, base_raw = make_layer({"etc/os-release": b"ID=fixture\n"})
-        top, top_raw = make_layer({"app/" + arch: b"%s %s %s" % (repo.encode(), arch.encode(), extra)})
+        entry = b"%s %s %s" % (repo.encode(), arch.encode(), extra)
+        top, top_raw = make_layer({"app/" + arch: entry})
         config = json.dumps({
             "architecture": arch, "os": "linux",
             "config": {"Entrypoint": ["/app/" + arch]},
@@ -462,7 +464,8 @@ def test_ns_prefers_the_namespaced_tree(tmp_path, tls):
     with serving(tmp_path, tls) as server:
         conn = connect(server, tls)
         cases = [("", trimmed), ("?ns=docker.io", namespaced), ("?ns=quay.io", trimmed),
-                 ("?ns=localhost:5000", None), ("?ns=..", trimmed), ("?x=1&ns=docker.io", namespaced)]
+                 ("?ns=localhost:5000", None), ("?ns=..", trimmed),
+                 ("?x=1&ns=docker.io", namespaced)]
         for query, expected in cases:
             status, headers, _ = fetch(conn, "HEAD", "/v2/library/app/manifests/1" + query)
             assert status == 200
@@ -494,7 +497,8 @@ def test_listings(tls_server, tls, fixture):
     status, headers, body = fetch(conn, "GET", "/v2/_catalog?n=2")
     page = json.loads(body)["repositories"]
     assert len(page) == 2
-    assert headers["Link"] == '</v2/_catalog?n=2&last=%s>; rel="next"' % page[-1].replace("/", "%2F")
+    next_page = "/v2/_catalog?n=2&last=" + page[-1].replace("/", "%2F")
+    assert headers["Link"] == '<%s>; rel="next"' % next_page
     status, _, body = fetch(conn, "GET", "/v2/library/multi/tags/list")
     assert json.loads(body) == {"name": "library/multi", "tags": ["v1"]}
 
@@ -668,3 +672,134 @@ def test_silent_tls_client_does_not_stall_others(fixture, tls):
             assert time.monotonic() - started < 10
         finally:
             silent.close()
+
+
+# --- Real clients: skopeo, containerd, podman -----------------------------------------
+
+def cert_dir_for(tls):
+    """containers/image reads every *.crt of a directory as a CA."""
+    directory = os.path.join(tls["dir"], "certs.d")
+    os.makedirs(directory, exist_ok=True)
+    shutil.copy(tls["ca"], os.path.join(directory, "ca.crt"))
+    return directory
+
+
+def test_skopeo_copies_every_image(tls_server, tls, fixture, tmp_path):
+    skopeo = need("skopeo")
+    certs = cert_dir_for(tls)
+    for image, (digest, media_type, children) in fixture.images.items():
+        source = "docker://%s/%s" % (host_port(tls_server), image)
+        raw = run([skopeo, "inspect", "--raw", "--cert-dir", certs, source]).stdout
+        assert sha256(raw.encode()) == digest, image
+        # dir: keeps every manifest as it came, so the copy proves the digests held.
+        copy = tmp_path / image.replace("/", "_").replace(":", "_")
+        run([skopeo, "copy", "--all", "--preserve-digests", "--src-cert-dir", certs,
+             source, "dir:%s" % copy])
+        assert sha256((copy / "manifest.json").read_bytes()) == digest, image
+        for child in children:
+            child_manifest = copy / (child.split(":")[1] + ".manifest.json")
+            assert sha256(child_manifest.read_bytes()) == child
+            for layer in json.loads(child_manifest.read_bytes())["layers"]:
+                blob = copy / layer["digest"].split(":")[1]
+                assert sha256(blob.read_bytes()) == layer["digest"]
+        by_digest = "docker://%s/%s@%s" % (host_port(tls_server), image.rsplit(":", 1)[0], digest)
+        assert sha256(run([skopeo, "inspect", "--raw", "--cert-dir", certs,
+                           by_digest]).stdout.encode()) == digest
+
+
+@pytest.fixture()
+def containerd(tmp_path):
+    """A private containerd with its own root, state and socket; yields a ctr runner."""
+    binary = need("containerd")
+    ctr = need("ctr")
+    base = tmp_path / "ctd"
+    base.mkdir()
+    socket_path = str(base / "containerd.sock")
+    config = base / "config.toml"
+    config.write_text('version = 2\nroot = "%s"\nstate = "%s"\n'
+                      'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
+                      '[grpc]\n  address = "%s"\n' % (base / "root", base / "state", socket_path))
+    log_file = open(str(base / "containerd.log"), "w")
+    process = subprocess.Popen([binary, "--config", str(config)], stdout=log_file,
+                               stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while subprocess.run([ctr, "--address", socket_path, "version"], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL).returncode != 0:
+        assert process.poll() is None, "containerd exited: see %s" % log_file.name
+        assert time.monotonic() < deadline, "containerd did not start"
+        time.sleep(0.2)
+
+    def ctr_run(*args):
+        return run([ctr, "--address", socket_path, "--namespace", "test"] + list(args))
+
+    ctr_run.hosts_dir = str(base / "hosts")
+    try:
+        yield ctr_run
+    finally:
+        process.terminate()
+        process.wait(30)
+        log_file.close()
+
+
+def write_hosts_toml(hosts_dir, registry, endpoints, ca):
+    """hosts.toml as k3s writes it; server is a local registry too, so nothing leaves."""
+    directory = os.path.join(hosts_dir, registry)
+    os.makedirs(directory, exist_ok=True)
+    lines = ['server = "%s"' % endpoints[-1]]
+    for endpoint in endpoints:
+        lines += ['', '[host."%s"]' % endpoint, '  capabilities = ["pull", "resolve"]',
+                  '  ca = "%s"' % ca]
+    with open(os.path.join(directory, "hosts.toml"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def ctr_image_digests(ctr):
+    """{ref: digest} from `ctr images ls`."""
+    rows = ctr("images", "ls").stdout.splitlines()[1:]
+    return {row.split()[0]: row.split()[2] for row in rows if row.strip()}
+
+
+def test_containerd_pulls_through_mirror_and_hijack(fixture, tls, containerd, caplog):
+    with caplog.at_level(logging.INFO, logger="embedded_registry"):
+        with serving(fixture.root, tls) as server:
+            endpoint = "https://" + host_port(server)
+            for registry in (MIRROR, "docker.io"):
+                write_hosts_toml(containerd.hosts_dir, registry, [endpoint], tls["ca"])
+            pulled = {}
+            for image, (digest, _, children) in fixture.images.items():
+                ref = "%s/%s" % (MIRROR, image)
+                containerd("images", "pull", "--hosts-dir", containerd.hosts_dir,
+                           "--snapshotter", "native", "--platform", "linux/amd64", ref)
+                pulled[ref] = digest
+            multi_digest, _, multi_children = fixture.images["library/multi:v1"]
+            by_digest = "%s/library/multi@%s" % (MIRROR, multi_digest)
+            containerd("images", "pull", "--hosts-dir", containerd.hosts_dir,
+                       "--snapshotter", "native", "--platform", "linux/arm64", by_digest)
+            pulled[by_digest] = multi_digest
+            hijacked = "docker.io/rancher/docker-list:v2"
+            containerd("images", "pull", "--hosts-dir", containerd.hosts_dir,
+                       "--snapshotter", "native", "--platform", "linux/arm64", hijacked)
+            pulled[hijacked] = fixture.images["rancher/docker-list:v2"][0]
+    assert ctr_image_digests(containerd) == pulled
+    assert "?ns=bootstrap-registry.airgap" in caplog.text
+    assert "?ns=docker.io" in caplog.text
+    # The arm64 child was fetched for the pulls that asked for linux/arm64.
+    assert "/manifests/%s?ns=" % multi_children[1] in caplog.text
+    # containerd unpacked the arm64 image: its layer holds the arm64 entry point.
+    content = containerd("content", "ls").stdout
+    assert multi_children[1] in content
+
+
+def test_podman_pulls(tls_server, tls, fixture, tmp_path, request):
+    podman = need("podman")
+    certs = cert_dir_for(tls)
+    runroot = tempfile.mkdtemp(prefix="podman-")  # podman wants a runroot under 50 chars
+    storage = ["--root", str(tmp_path / "storage"), "--runroot", runroot,
+               "--storage-driver", "vfs", "--events-backend", "none"]
+    request.addfinalizer(lambda: shutil.rmtree(runroot, ignore_errors=True))
+    for image in ("library/multi:v1", "plain/no-media-type:latest", "a/b/c/d:1.0"):
+        ref = "%s/%s" % (host_port(tls_server), image)
+        run([podman] + storage + ["pull", "--cert-dir", certs, ref])
+        digest = run([podman] + storage + ["image", "inspect", "--format", "{{.Digest}}",
+                                           ref]).stdout.strip()
+        assert digest == fixture.images[image][0], image
