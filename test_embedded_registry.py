@@ -24,9 +24,11 @@ import tarfile
 import tempfile
 import threading
 import time
+import urllib.parse
 
 import pytest
 
+import download_system_images as dsi
 import embedded_registry as er
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -733,6 +735,7 @@ def containerd(tmp_path):
         return run([ctr, "--address", socket_path, "--namespace", "test"] + list(args))
 
     ctr_run.hosts_dir = str(base / "hosts")
+    ctr_run.socket = socket_path
     try:
         yield ctr_run
     finally:
@@ -803,3 +806,402 @@ def test_podman_pulls(tls_server, tls, fixture, tmp_path, request):
         digest = run([podman] + storage + ["image", "inspect", "--format", "{{.Digest}}",
                                            ref]).stdout.strip()
         assert digest == fixture.images[image][0], image
+
+
+# --- The downloader: pure functions ---------------------------------------------------
+
+@pytest.mark.parametrize("text, expected", [
+    ("nginx", ("docker.io", "library/nginx", "latest", None)),
+    ("nginx:1.25", ("docker.io", "library/nginx", "1.25", None)),
+    ("rancher/mirrored-pause:3.6", ("docker.io", "rancher/mirrored-pause", "3.6", None)),
+    ("docker.io/rancher/klipper-helm:v0.8.2-build20230815",
+     ("docker.io", "rancher/klipper-helm", "v0.8.2-build20230815", None)),
+    ("index.docker.io/library/busybox", ("docker.io", "library/busybox", "latest", None)),
+    ("reg:5000/team/app:1.0", ("reg:5000", "team/app", "1.0", None)),
+    ("localhost:5000/x", ("localhost:5000", "x", "latest", None)),
+    ("localhost/x:2", ("localhost", "x", "2", None)),
+    ("registry.k8s.io/pause:3.9", ("registry.k8s.io", "pause", "3.9", None)),
+    ("quay.io/a/b/c/d:v1", ("quay.io", "a/b/c/d", "v1", None)),
+    ("x/y@sha256:" + "a" * 64, ("docker.io", "x/y", None, "sha256:" + "a" * 64)),
+    ("ghcr.io/x/y:1.2@sha256:" + "b" * 64, ("ghcr.io", "x/y", "1.2", "sha256:" + "b" * 64)),
+    ("127.0.0.1:5000/app@sha256:" + "c" * 64,
+     ("127.0.0.1:5000", "app", None, "sha256:" + "c" * 64)),
+])
+def test_parse_reference(text, expected):
+    assert tuple(dsi.parse_reference(text)) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "library/UPPER", "x/y@sha256:short", "x:bad tag", "x:", "-x", "reg:5000/", "x@md5:" + "a" * 32,
+    "x/y:" + "t" * 200, "a//b",
+])
+def test_parse_reference_rejects(text):
+    with pytest.raises(ValueError) as caught:
+        dsi.parse_reference(text)
+    assert repr(text) in str(caught.value)
+
+
+def test_image_list_reports_every_bad_line():
+    text = "# system images\nnginx\n\nBAD/Name  # comment\nx:\nquay.io/ok:1  # trailing\n"
+    with pytest.raises(dsi.DownloadError) as caught:
+        dsi.parse_image_list(text, "extra.txt")
+    assert "extra.txt:4" in str(caught.value) and "extra.txt:5" in str(caught.value)
+    good = dsi.parse_image_list("nginx\n# c\nquay.io/ok:1 # t\n", "l.txt")
+    assert [(str(i), w) for i, w in good] == [("docker.io/library/nginx:latest", "l.txt:1"),
+                                               ("quay.io/ok:1", "l.txt:3")]
+
+
+def test_platforms():
+    wanted = dsi.parse_platforms("linux/amd64,linux/arm64")
+    assert dsi.platform_matches(wanted, {"os": "linux", "architecture": "arm64", "variant": "v8"})
+    assert dsi.platform_matches(wanted, {"os": "linux", "architecture": "amd64"})
+    assert not dsi.platform_matches(wanted, {"os": "linux", "architecture": "arm"})
+    assert not dsi.platform_matches(wanted, {"os": "unknown", "architecture": "unknown"})
+    v8 = dsi.parse_platforms("linux/arm64/v8")
+    assert dsi.platform_matches(v8, {"os": "linux", "architecture": "arm64"})
+    assert not dsi.platform_matches(dsi.parse_platforms("linux/arm/v6"),
+                                    {"os": "linux", "architecture": "arm"})
+    assert dsi.parse_platforms("all") is None
+    with pytest.raises(dsi.DownloadError):
+        dsi.parse_platforms("amd64")
+
+
+def test_registries_yaml():
+    text = dsi.registries_yaml(["docker.io", "quay.io", "docker.io"], "https://127.0.0.1:5443",
+                               "/etc/embedded-registry/ca.crt")
+    assert text.count('      - "https://127.0.0.1:5443"') == 3
+    assert '  "bootstrap-registry.airgap":' in text and '  "quay.io":' in text
+    assert '  "127.0.0.1:5443":\n    tls:\n      ca_file: "/etc/embedded-registry/ca.crt"' in text
+
+
+# --- The downloader against a real upstream (CNCF distribution) -----------------------
+
+CRANE_DOUBLE = '''#!%s
+"""Test double of crane (go-containerregistry), which no package registry here ships.
+
+It implements only what download_system_images.py calls: `crane manifest [--insecure] REF`
+and `crane blob [--insecure] REPO@DIGEST`, over plain HTTP to a local test registry.
+CRANE_DOUBLE_STALL=N makes `blob` write half of a blob and then stall N seconds.
+"""
+import os, sys, time, urllib.request
+ACCEPT = ("application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, "
+          "application/vnd.docker.distribution.manifest.list.v2+json, "
+          "application/vnd.docker.distribution.manifest.v2+json")
+args = [a for a in sys.argv[1:] if a != "--insecure"]
+if len(args) != 2 or args[0] not in ("manifest", "blob"):
+    sys.exit("Error: crane test double: unsupported arguments %%r" %% sys.argv[1:])
+command, ref = args
+name, _, digest = ref.partition("@")
+host, _, repo = name.partition("/")
+if ":" in repo.rsplit("/", 1)[-1]:
+    repo, _, tag = repo.rpartition(":")
+else:
+    tag = "latest"
+kind = "manifests" if command == "manifest" else "blobs"
+url = "http://%%s/v2/%%s/%%s/%%s" %% (host, repo, kind, digest or tag)
+try:
+    data = urllib.request.urlopen(urllib.request.Request(url, headers={"Accept": ACCEPT})).read()
+except Exception as error:
+    sys.exit("Error: GET %%s: %%s" %% (url, error))
+stall = float(os.environ.get("CRANE_DOUBLE_STALL", "0"))
+if command == "blob" and stall:
+    sys.stdout.buffer.write(data[:len(data) // 2])
+    sys.stdout.flush()
+    time.sleep(stall)
+sys.stdout.buffer.write(data)
+'''
+
+
+class Upstream:
+    """Debian's docker-registry on a free loopback port, with the fixture images pushed."""
+
+    def __init__(self, directory):
+        binary = need("docker-registry")
+        config = os.path.join(directory, "config.yml")
+        with open(config, "w") as f:
+            f.write("version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n"
+                    "    rootdirectory: %s\nhttp:\n  addr: 127.0.0.1:0\n"
+                    % os.path.join(directory, "data"))
+        self.process = subprocess.Popen([binary, "serve", config], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, universal_newlines=True)
+        for line in self.process.stderr:
+            match = re.search(r'listening on 127\.0\.0\.1:(\d+)', line)
+            if match:
+                self.host = "127.0.0.1:" + match.group(1)
+                break
+        else:
+            raise AssertionError("docker-registry did not start")
+        threading.Thread(target=self.process.stderr.read, daemon=True).start()
+
+    def push(self, source, name, skopeo, certs):
+        run([skopeo, "copy", "--all", "--preserve-digests", "--src-cert-dir", certs,
+             "--dest-tls-verify=false", source, "docker://%s/%s" % (self.host, name)])
+
+    def raw(self, name, skopeo):
+        return run([skopeo, "inspect", "--raw", "--tls-verify=false",
+                    "docker://%s/%s" % (self.host, name)]).stdout.encode()
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(10)
+
+
+class K3sReleases(threading.Thread):
+    """The k3s channel redirect and release asset, served locally."""
+
+    def __init__(self, version, image_list):
+        class Handler(er.http.server.BaseHTTPRequestHandler):
+            def do_GET(handler):
+                path = urllib.parse.unquote(handler.path)
+                if path == "/channels/stable":
+                    handler.send_response(302)
+                    handler.send_header("Location", "/releases/tag/" + version)
+                    handler.send_header("Content-Length", "0")
+                    handler.end_headers()
+                    return
+                body = {"/releases/tag/" + version: b"release page",
+                        "/download/%s/k3s-images.txt" % version: image_list.encode()}.get(path)
+                handler.send_response(200 if body else 404)
+                handler.send_header("Content-Length", str(len(body or b"")))
+                handler.end_headers()
+                handler.wfile.write(body or b"")
+
+            def log_message(handler, *args):
+                pass
+
+        self.server = er.http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base = "http://127.0.0.1:%d" % self.server.server_address[1]
+        super().__init__(target=self.server.serve_forever, daemon=True)
+        self.start()
+
+
+@pytest.fixture(scope="session")
+def upstream(tmp_path_factory, tls_server, tls, fixture):
+    skopeo = need("skopeo")
+    certs = cert_dir_for(tls)
+    registry = Upstream(str(tmp_path_factory.mktemp("upstream")))
+    try:
+        for image in fixture.images:
+            registry.push("docker://%s/%s" % (host_port(tls_server), image), image, skopeo, certs)
+        yield registry
+    finally:
+        registry.stop()
+
+
+@pytest.fixture(scope="session")
+def crane_double(tmp_path_factory):
+    bin_dir = tmp_path_factory.mktemp("crane-double-bin")
+    path = bin_dir / "crane"
+    path.write_text(CRANE_DOUBLE % sys.executable)
+    path.chmod(0o755)
+    return str(bin_dir)
+
+
+def downloader(args, env_extra=None, path_prefix=None, **kwargs):
+    """download_system_images.py as the user runs it."""
+    env = dict(os.environ)
+    if path_prefix:
+        env["PATH"] = path_prefix + os.pathsep + env["PATH"]
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, os.path.join(HERE, "download_system_images.py")] +
+                          args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, env=env, timeout=300, **kwargs)
+
+
+def tree_is_sound(root):
+    """Every blob and digest-named manifest hashes to its name; no temporary is left."""
+    for top, dirs, files in os.walk(root):
+        for name in files:
+            path = os.path.join(top, name)
+            assert not name.endswith(".tmp"), path
+            if name.startswith("sha256:"):
+                with open(path, "rb") as f:
+                    assert sha256(f.read()) == name, path
+        assert not [d for d in dirs if d.startswith(dsi.TEMP_PREFIX)], top
+
+
+@pytest.fixture(params=["skopeo", "crane"])
+def tool(request, crane_double):
+    """Each downloader test runs on both paths: real skopeo, and the crane test double."""
+    if request.param == "skopeo":
+        need("skopeo")
+        return {"args": ["--tool", "skopeo"], "path": None}
+    return {"args": ["--tool", "crane"], "path": crane_double}
+
+
+def test_download_then_serve_and_pull(tool, upstream, fixture, tls, containerd, tmp_path):
+    skopeo = need("skopeo")
+    multi_digest = fixture.images["library/multi:v1"][0]
+    plain_digest = fixture.images["plain/no-media-type:latest"][0]
+    releases = K3sReleases("v1.99.9+k3s1", "%s/library/multi:v1\n%s/rancher/docker-list:v2\n"
+                           % (upstream.host, upstream.host))
+    extra = tmp_path / "extra.txt"
+    extra.write_text("# extra images\n%s/a/b/c/d:1.0\n\n%s/plain/no-media-type@%s\n"
+                     % (upstream.host, upstream.host, plain_digest))
+    root = tmp_path / "registry"
+    result = downloader(["-d", str(root), "-f", str(extra), "-p", "linux/amd64", "--insecure",
+                         "--channel-url", releases.base + "/channels",
+                         "--release-url", releases.base + "/download",
+                         "--registries-yaml", str(tmp_path / "registries.yaml"),
+                         "--endpoint", "https://127.0.0.1:5443"] + tool["args"],
+                        path_prefix=tool["path"])
+    assert result.returncode == 0, result.stderr
+    assert "Downloading image list for v1.99.9+k3s1" in result.stderr
+    assert "4 images: 4 ok, 0 failed" in result.stdout
+    tree_is_sound(str(root))
+    for image in ("library/multi:v1", "rancher/docker-list:v2", "a/b/c/d:1.0"):
+        repo, tag = image.rsplit(":", 1)
+        tag_file = root / repo / "manifests" / tag
+        assert os.readlink(str(tag_file)) == sha256(upstream.raw(image, skopeo))
+    amd64, arm64 = fixture.images["library/multi:v1"][2]
+    assert (root / "library/multi/manifests" / amd64).exists()
+    assert not (root / "library/multi/manifests" / arm64).exists()
+    assert (root / "plain/no-media-type/manifests" / plain_digest).exists()
+    assert '"%s":' % upstream.host.split(":")[0] in (tmp_path / "registries.yaml").read_text() \
+        or '"%s":' % upstream.host in (tmp_path / "registries.yaml").read_text()
+    with serving(str(root), tls) as server:
+        certs = cert_dir_for(tls)
+        by_digest = "docker://%s/library/multi@%s" % (host_port(server), multi_digest)
+        assert sha256(run([skopeo, "inspect", "--raw", "--cert-dir", certs,
+                           by_digest]).stdout.encode()) == multi_digest
+        write_hosts_toml(containerd.hosts_dir, MIRROR, ["https://" + host_port(server)],
+                         tls["ca"])
+        pulls = {"%s/library/multi:v1" % MIRROR: multi_digest,
+                 "%s/library/multi@%s" % (MIRROR, multi_digest): multi_digest,
+                 "%s/a/b/c/d:1.0" % MIRROR: fixture.images["a/b/c/d:1.0"][0]}
+        for ref in pulls:
+            containerd("images", "pull", "--hosts-dir", containerd.hosts_dir,
+                       "--snapshotter", "native", "--platform", "linux/amd64", ref)
+        assert ctr_image_digests(containerd) == pulls
+        # The platform that was not downloaded is not there to pull.
+        failed = subprocess.run(
+            ["ctr", "--address", containerd.socket, "--namespace", "test", "images", "pull",
+             "--hosts-dir", containerd.hosts_dir, "--platform", "linux/arm64",
+             "%s/library/multi:v1" % MIRROR], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            universal_newlines=True, timeout=120)
+        assert failed.returncode != 0
+    # A second run fetches nothing new.
+    again = downloader(["-d", str(root), "-s", "-f", str(extra), "--insecure"] + tool["args"],
+                       path_prefix=tool["path"])
+    assert again.returncode == 0, again.stderr
+    assert "blobs 0 new" in again.stdout
+
+
+def test_download_failures_and_repairs(tool, upstream, fixture, tmp_path):
+    root = tmp_path / "registry"
+    extra = tmp_path / "extra.txt"
+    extra.write_text("%s/a/b/c/d:1.0\n%s/does/not-exist:1\n" % (upstream.host, upstream.host))
+    args = ["-d", str(root), "-s", "-f", str(extra), "--insecure"] + tool["args"]
+    result = downloader(args, path_prefix=tool["path"])
+    assert result.returncode == 1
+    assert "2 images: 1 ok, 1 failed" in result.stderr
+    assert "FAILED %s/does/not-exist:1" % upstream.host in result.stderr
+    assert (root / "a/b/c/d/manifests/1.0").exists()
+    # A damaged blob in the store is noticed and fetched again.
+    manifest = json.loads((root / "a/b/c/d/manifests/1.0").read_bytes())
+    damaged = root / "blobs" / manifest["layers"][1]["digest"]
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    extra.write_text("%s/a/b/c/d:1.0\n" % upstream.host)
+    result = downloader(args, path_prefix=tool["path"])
+    assert result.returncode == 0, result.stderr
+    assert "damaged" in result.stderr and "blobs 1 new" in result.stdout
+    tree_is_sound(str(root))
+
+
+def test_download_interrupted_then_completed(upstream, fixture, crane_double, tmp_path):
+    root = tmp_path / "registry"
+    extra = tmp_path / "extra.txt"
+    extra.write_text("%s/library/multi:v1\n" % upstream.host)
+    args = [sys.executable, os.path.join(HERE, "download_system_images.py"), "-d", str(root),
+            "-s", "-f", str(extra), "--insecure", "--tool", "crane", "-p", "all"]
+    env = dict(os.environ, PATH=crane_double + os.pathsep + os.environ["PATH"],
+               CRANE_DOUBLE_STALL="60")
+    process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.monotonic() + 60
+    # Wait until a blob is half written in the temporary folder, then kill everything.
+    while not any(os.path.getsize(os.path.join(top, f))
+                  for top, _, files in os.walk(str(root)) if dsi.TEMP_PREFIX in top
+                  for f in files):
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(10)
+    assert not (root / "library/multi/manifests/v1").exists()
+    for name in os.listdir(str(root / "blobs")):
+        with open(str(root / "blobs" / name), "rb") as f:
+            assert sha256(f.read()) == name
+    result = downloader(args[2:], path_prefix=crane_double)
+    assert result.returncode == 0, result.stderr
+    tree_is_sound(str(root))
+    assert os.readlink(str(root / "library/multi/manifests/v1")) == \
+        fixture.images["library/multi:v1"][0]
+    for child in fixture.images["library/multi:v1"][2]:
+        assert (root / "library/multi/manifests" / child).exists()
+
+
+def test_download_refuses_collisions_after_trimming(upstream, fixture, tls, crane_double,
+                                                    tmp_path):
+    # Our own server, over plain HTTP, is a second upstream with a different a/b/c/d:1.0.
+    other = TreeBuilder(tmp_path / "other")
+    other.image("a/b/c/d", "amd64", extra=b"other", tag="1.0")
+    with serving(str(tmp_path / "other")) as second:
+        extra = tmp_path / "extra.txt"
+        extra.write_text("%s/a/b/c/d:1.0\n%s/a/b/c/d:1.0\n%s/library/multi:v1\n"
+                         % (upstream.host, host_port(second).replace("127.0.0.1", "localhost"),
+                            upstream.host))
+        root = tmp_path / "registry"
+        base = ["-d", str(root), "-s", "-f", str(extra), "--insecure", "--tool", "crane"]
+        result = downloader(base, path_prefix=crane_double)
+        assert result.returncode == 1
+        assert "use -n" in result.stderr and "localhost:" in result.stderr
+        assert "1 ok, 2 failed" in result.stderr
+        assert not (root / "a/b/c/d/manifests/1.0").exists()
+        result = downloader(base + ["-n"], path_prefix=crane_double)
+        assert result.returncode == 0, result.stderr
+        assert (root / upstream.host / "a/b/c/d/manifests/1.0").exists()
+        with serving(str(root)) as server:
+            conn = connect(server)
+            status, headers, _ = fetch(conn, "HEAD", "/v2/a/b/c/d/manifests/1.0?ns=" +
+                                       upstream.host)
+            assert (status, headers["Docker-Content-Digest"]) == (
+                200, fixture.images["a/b/c/d:1.0"][0])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-s"], "needs at least one -f"),
+    (["-s", "-f", "/nonexistent/list.txt"], "cannot read image list /nonexistent/list.txt"),
+    (["-p", "amd64", "-s", "-f", __file__], "--platform"),
+    (["--registries-yaml", "x.yaml"], "go together"),
+    (["--tool", "crane", "-s", "-f", os.devnull], "--tool crane: crane is not on PATH"),
+])
+def test_downloader_errors(args, message, tmp_path):
+    result = downloader(["-d", str(tmp_path / "r")] + args,
+                        env_extra={"PATH": "/nonexistent"} if "--tool" in args else None)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_downloader_dry_run(tmp_path):
+    extra = tmp_path / "extra.txt"
+    extra.write_text("nginx\nreg:5000/team/app:1.0\n")
+    result = downloader(["-s", "-f", str(extra), "--dry-run", "-d", "reg"])
+    assert result.returncode == 0, result.stderr
+    assert "docker.io/library/nginx:latest -> reg/library/nginx" in result.stdout
+    assert "reg:5000/team/app:1.0 -> reg/team/app" in result.stdout
+    assert not (tmp_path / "reg").exists()
+
+
+def test_demo_tree_serves(tmp_path):
+    result = downloader(["--demo", "-d", str(tmp_path / "demo")])
+    assert result.returncode == 0, result.stderr
+    tree_is_sound(str(tmp_path / "demo"))
+    with serving(str(tmp_path / "demo")) as server:
+        conn = connect(server)
+        status, headers, body = fetch(conn, "GET", "/v2/demo/hello/manifests/latest")
+        assert status == 200 and headers["Content-Type"] == er.OCI_MANIFEST
+        layer = json.loads(body)["layers"][0]["digest"]
+        assert fetch(conn, "GET", "/v2/demo/hello/blobs/" + layer)[0] == 200

@@ -1,0 +1,741 @@
+#!/usr/bin/env python3
+"""download_system_images: fill a registry tree for embedded_registry.py, on a host with internet.
+
+Usage:
+
+    python3 download_system_images.py -f extra-images.txt -p linux/arm64
+    tar -zcf registry.tar.gz registry          # carry it across the air gap
+
+It reads the image list of a k3s release (k3s-images.txt; -v picks the version or
+channel, default stable) plus any -f lists, and for each image saves:
+
+    ROOT/<repo>/manifests/sha256:<hex>     the upstream manifest bytes, unchanged, and
+                                           the children for the requested platforms
+    ROOT/<repo>/manifests/<tag>            a relative symlink to the top manifest
+    ROOT/blobs/sha256:<hex>                config and layer blobs, shared by every repo
+    ROOT/<repo>/blobs -> ../blobs          (a chain of such links for nested repos)
+
+The registry host is trimmed from <repo> (docker.io/rancher/pause -> rancher/pause)
+unless -n is given. The upstream bytes are kept exactly, so a pull by the upstream
+index digest works offline. Every file is written under a temporary name and renamed
+into place only after its digest is verified: an interrupted run leaves no partial
+file, and running it again completes the tree.
+
+The downloads are done by crane (go-containerregistry) or skopeo, whichever is on
+PATH (--tool picks one). Image list format: one reference per line; blank lines and
+'#' comments are ignored.
+"""
+
+import argparse
+import collections
+import concurrent.futures
+import gzip
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("download_system_images")
+
+# --- Constants and grammars ---------------------------------------------------------
+
+DEFAULT_CHANNEL_URL = "https://update.k3s.io/v1-release/channels"
+DEFAULT_RELEASE_URL = "https://github.com/k3s-io/k3s/releases/download"
+CHANNEL_URL_ENV = "K3S_CHANNEL_URL"
+RELEASE_URL_ENV = "K3S_RELEASE_URL"
+IMAGE_LIST_ASSET = "k3s-images.txt"
+MIRROR_NAME = "bootstrap-registry.airgap"
+DEFAULT_REGISTRY = "docker.io"
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
+
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+NAME_RE = re.compile(r"%s(?:/%s)*" % (_COMPONENT, _COMPONENT))
+TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+DIGEST_RE = re.compile(r"sha256:[a-f0-9]{64}")
+HOST_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::[0-9]{1,5})?")
+FULL_VERSION_RE = re.compile(r"v\d+\.\d+\.\d+\S*")
+# The default variant of an architecture, as containerd's platform matcher assumes it.
+DEFAULT_VARIANTS = {"arm64": "v8", "arm": "v7"}
+TEMP_PREFIX = ".incoming-"
+
+
+class DownloadError(Exception):
+    """A problem the user can fix; main() prints it as one line."""
+
+
+# --- Pure functions: references, lists, platforms, manifests -------------------------
+
+class ImageRef(collections.namedtuple("ImageRef", "registry repository tag digest")):
+    """A normalised image reference, as Docker and containerd read one."""
+
+    @property
+    def repo(self):
+        return "%s/%s" % (self.registry, self.repository)
+
+    def __str__(self):
+        text = self.repo
+        if self.tag:
+            text += ":" + self.tag
+        if self.digest:
+            text += "@" + self.digest
+        return text
+
+    def pinned(self, digest):
+        """The reference of one manifest of this repository, by digest."""
+        return "%s@%s" % (self.repo, digest)
+
+    def tree_repo(self, trim=True):
+        return self.repository if trim else self.repo
+
+
+def parse_reference(text):
+    """Parse an image reference: nginx, quay.io/x/y:1, localhost:5000/a@sha256:..."""
+    original = text
+    text = text.strip()
+    name, _, digest = text.partition("@")
+    if digest and not DIGEST_RE.fullmatch(digest):
+        raise ValueError("%r: the digest must be sha256: and 64 lowercase hex digits" % original)
+    tag = None
+    last_colon, last_slash = name.rfind(":"), name.rfind("/")
+    if last_colon > last_slash:
+        name, tag = name[:last_colon], name[last_colon + 1:]
+        if not TAG_RE.fullmatch(tag):
+            raise ValueError("%r: invalid tag %r" % (original, tag))
+    first, slash, rest = name.partition("/")
+    if slash and (("." in first or ":" in first or first == "localhost")
+                  or first.lower() != first):
+        registry, repository = first, rest
+        if not HOST_RE.fullmatch(registry):
+            raise ValueError("%r: invalid registry host %r" % (original, registry))
+    else:
+        registry, repository = DEFAULT_REGISTRY, name
+    if registry == "index.docker.io":
+        registry = DEFAULT_REGISTRY
+    if registry == DEFAULT_REGISTRY and "/" not in repository:
+        repository = "library/" + repository
+    if not repository or not NAME_RE.fullmatch(repository):
+        raise ValueError("%r: invalid repository name %r (lowercase letters, digits, "
+                         "separators)" % (original, repository))
+    if tag is None and not digest:
+        tag = "latest"
+    return ImageRef(registry, repository, tag, digest or None)
+
+
+def parse_image_list(text, source):
+    """[(ImageRef, 'file:line')] from a list; all bad lines are reported together."""
+    images, problems = [], []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        where = "%s:%d" % (source, number)
+        try:
+            images.append((parse_reference(line), where))
+        except ValueError as error:
+            problems.append("%s: %s" % (where, error))
+    if problems:
+        raise DownloadError("bad image references:\n  " + "\n  ".join(problems))
+    return images
+
+
+Platform = collections.namedtuple("Platform", "os architecture variant")
+
+
+def parse_platforms(text):
+    """'linux/amd64', 'linux/arm64/v8,linux/arm/v7' or 'all' (None: every platform)."""
+    if text.strip() == "all":
+        return None
+    platforms = []
+    for item in text.split(","):
+        parts = item.strip().split("/")
+        if len(parts) not in (2, 3) or not all(parts):
+            raise DownloadError("--platform %r: expected OS/ARCH[/VARIANT], e.g. linux/arm64, "
+                                "a comma-separated list, or all" % item)
+        platforms.append(Platform(parts[0], parts[1], parts[2] if len(parts) == 3 else None))
+    return platforms
+
+
+def platform_matches(wanted, platform):
+    """Whether an index entry's platform is one of the wanted ones (None: all)."""
+    if wanted is None:
+        return True
+    platform = platform or {}
+    arch = platform.get("architecture")
+    variant = platform.get("variant") or DEFAULT_VARIANTS.get(arch)
+    for want in wanted:
+        if want.os == platform.get("os") and want.architecture == arch:
+            if want.variant is None or want.variant == variant:
+                return True
+    return False
+
+
+def sha256_digest(data):
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def manifest_kind(document):
+    media_type = document.get("mediaType")
+    if media_type in INDEX_TYPES or (media_type is None and "manifests" in document):
+        return "index"
+    if "config" in document and "layers" in document:
+        return "manifest"
+    if document.get("schemaVersion") == 1:
+        raise DownloadError("Docker schema 1 manifests are not supported; re-push the image "
+                            "with a current client")
+    raise DownloadError("unrecognised manifest (mediaType %r)" % media_type)
+
+
+def blob_descriptors(document):
+    """The config and layers of an image manifest (foreign layers have no blob here)."""
+    descriptors = [document["config"]] + list(document["layers"])
+    return [d for d in descriptors if not d.get("urls")]
+
+
+def registries_yaml(registries, endpoint, ca_file):
+    """A k3s registries.yaml that sends the mirror name and every source registry to endpoint."""
+    host = urllib.parse.urlsplit(endpoint).netloc
+    lines = ["# Written by download_system_images.py; copy to /etc/rancher/k3s/registries.yaml",
+             "mirrors:"]
+    for registry in [MIRROR_NAME] + sorted(set(registries) - {MIRROR_NAME}):
+        lines += ['  "%s":' % registry, "    endpoint:", '      - "%s"' % endpoint]
+    lines += ["configs:", '  "%s":' % host, "    tls:", '      ca_file: "%s"' % ca_file]
+    return "\n".join(lines) + "\n"
+
+
+def human_bytes(count):
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            return "%.1f %s" % (count, unit) if unit != "B" else "%d B" % count
+        count /= 1000.0
+
+
+# --- The tools: one subprocess seam, then crane and skopeo ---------------------------
+
+class ToolError(DownloadError):
+    pass
+
+
+def run_tool(argv, stdout=subprocess.PIPE, env=None):
+    """Run one tool command; raise ToolError with the command and its stderr."""
+    log.debug("+ %s", " ".join(argv))
+    try:
+        result = subprocess.run(argv, stdout=stdout, stderr=subprocess.PIPE, env=env)
+    except OSError as error:
+        raise ToolError("cannot run %s: %s" % (argv[0], error))
+    if result.returncode != 0:
+        message = result.stderr.decode("utf-8", "replace").strip().splitlines()
+        raise ToolError("%s failed: %s" % (" ".join(argv[:2]), message[-1] if message else
+                                           "exit code %d" % result.returncode))
+    return result.stdout
+
+
+class Crane:
+    """crane manifest / crane blob; trusts SSL_CERT_FILE for a private upstream."""
+
+    name = "crane"
+
+    def __init__(self, path, insecure=False):
+        self.path = path
+        self.flags = ["--insecure"] if insecure else []
+
+    def manifest(self, reference):
+        return run_tool([self.path, "manifest"] + self.flags + [reference])
+
+    def fetch_blobs(self, image, manifest_digest, descriptors, workdir, jobs):
+        """Download each blob to workdir/<hex>; returns {digest: path}."""
+        def fetch(descriptor):
+            path = os.path.join(workdir, descriptor["digest"].split(":", 1)[1])
+            with open(path, "wb") as out:
+                run_tool([self.path, "blob"] + self.flags + [image.pinned(descriptor["digest"])],
+                         stdout=out)
+            return descriptor["digest"], path
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+            return dict(pool.map(fetch, descriptors))
+
+
+class Skopeo:
+    """skopeo inspect --raw / skopeo copy to dir:; trusts /etc/containers/certs.d."""
+
+    name = "skopeo"
+
+    def __init__(self, path, insecure=False):
+        self.path = path
+        self.insecure = insecure
+
+    def manifest(self, reference):
+        flags = ["--tls-verify=false"] if self.insecure else []
+        return run_tool([self.path, "inspect", "--raw"] + flags + ["docker://" + reference])
+
+    def fetch_blobs(self, image, manifest_digest, descriptors, workdir, jobs):
+        """skopeo has no single-blob command: copy the whole image to a dir: layout."""
+        target = os.path.join(workdir, manifest_digest.split(":", 1)[1])
+        flags = ["--src-tls-verify=false"] if self.insecure else []
+        run_tool([self.path, "copy", "--quiet", "--preserve-digests"] + flags +
+                 ["docker://" + image.pinned(manifest_digest), "dir:" + target])
+        return {d["digest"]: os.path.join(target, d["digest"].split(":", 1)[1])
+                for d in descriptors}
+
+
+TOOLS = {"crane": Crane, "skopeo": Skopeo}
+
+
+def find_tool(choice, insecure):
+    names = [choice] if choice else ["crane", "skopeo"]
+    for name in names:
+        path = shutil.which(name)
+        if path:
+            return TOOLS[name](path, insecure)
+    if choice:
+        raise DownloadError("--tool %s: %s is not on PATH" % (choice, choice))
+    raise DownloadError("neither crane nor skopeo is on PATH: install one of them "
+                        "(skopeo is packaged by most distributions)")
+
+
+# --- The k3s image list ---------------------------------------------------------------
+
+def fetch_url(url):
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            return response.geturl(), response.read()
+    except (urllib.error.URLError, OSError) as error:
+        raise DownloadError("cannot fetch %s: %s" % (url, getattr(error, "reason", error)))
+
+
+def resolve_k3s_version(version, channel_url):
+    """A full version is used as it is; a channel (stable, v1.30) is resolved like install.sh."""
+    if FULL_VERSION_RE.fullmatch(version) and version.count(".") >= 2:
+        return version
+    final_url, _ = fetch_url("%s/%s" % (channel_url.rstrip("/"), version))
+    resolved = urllib.parse.unquote(final_url.rstrip("/").rsplit("/", 1)[-1])
+    if not FULL_VERSION_RE.fullmatch(resolved):
+        raise DownloadError("channel %r resolved to %s, which names no k3s version"
+                            % (version, final_url))
+    return resolved
+
+
+def k3s_image_list(version, release_url):
+    url = "%s/%s/%s" % (release_url.rstrip("/"), urllib.parse.quote(version, safe=""),
+                        IMAGE_LIST_ASSET)
+    _, body = fetch_url(url)
+    return parse_image_list(body.decode("utf-8", "replace"), url)
+
+
+# --- Storage: atomic writes into the tree ---------------------------------------------
+
+def write_atomic(path, data):
+    directory, name = os.path.split(path)
+    os.makedirs(directory, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix="." + name + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(temp, 0o644)
+        os.replace(temp, path)
+    except BaseException:
+        os.unlink(temp)
+        raise
+
+
+def file_digest(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1024 * 1024), b""):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+class TreeWriter:
+    """Writes manifests, blobs and tags into a registry tree, never a partial file."""
+
+    def __init__(self, root):
+        self.root = os.path.abspath(root)
+        self.blob_dir = os.path.join(self.root, "blobs")
+        self._verified = set()
+        os.makedirs(self.blob_dir, exist_ok=True)
+        self.remove_stale_temporaries()
+        self.workdir = tempfile.mkdtemp(prefix=TEMP_PREFIX + "%d-" % os.getpid(), dir=self.root)
+
+    def remove_stale_temporaries(self):
+        """Temporary folders of runs that were killed; a live run's folder is left alone."""
+        for entry in os.listdir(self.root):
+            if not entry.startswith(TEMP_PREFIX):
+                continue
+            pid = entry[len(TEMP_PREFIX):].split("-", 1)[0]
+            if pid.isdigit() and process_alive(int(pid)):
+                continue
+            shutil.rmtree(os.path.join(self.root, entry), ignore_errors=True)
+
+    def close(self):
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def has_blob(self, descriptor):
+        """Present with the right size and digest (hashed once per run)."""
+        digest = descriptor["digest"]
+        if digest in self._verified:
+            return True
+        path = os.path.join(self.blob_dir, digest)
+        try:
+            if os.path.getsize(path) != descriptor["size"] or file_digest(path) != digest:
+                log.warning("blob %s in the store is damaged; fetching it again", path)
+                os.unlink(path)
+                return False
+        except OSError:
+            return False
+        self._verified.add(digest)
+        return True
+
+    def place_blob(self, descriptor, downloaded):
+        """Verify a downloaded blob, then move it into the shared store."""
+        digest = descriptor["digest"]
+        size = os.path.getsize(downloaded)
+        actual = file_digest(downloaded)
+        if actual != digest or size != descriptor["size"]:
+            raise DownloadError("blob %s arrived as %s (%d bytes, %d expected)"
+                                % (digest, actual, size, descriptor["size"]))
+        os.chmod(downloaded, 0o644)
+        os.replace(downloaded, os.path.join(self.blob_dir, digest))
+        self._verified.add(digest)
+        return size
+
+    def link_blobs(self, repo):
+        """ROOT/a/b/blobs -> ../blobs and ROOT/a/blobs -> ../blobs, as the original lays out."""
+        parts = repo.split("/")
+        for depth in range(len(parts), 0, -1):
+            link = os.path.join(self.root, *parts[:depth], "blobs")
+            os.makedirs(os.path.dirname(link), exist_ok=True)
+            if not os.path.lexists(link):
+                os.symlink(os.path.join("..", "blobs"), link)
+
+    def save_manifest(self, repo, body):
+        digest = sha256_digest(body)
+        path = os.path.join(self.root, repo, "manifests", digest)
+        if not (os.path.isfile(path) and file_digest(path) == digest):
+            write_atomic(path, body)
+        return digest
+
+    def link_tag(self, repo, tag, digest):
+        """Point the tag at its manifest last, so a tag never names missing content."""
+        path = os.path.join(self.root, repo, "manifests", tag)
+        temp = os.path.join(os.path.dirname(path), ".%s.%d.tmp" % (tag, os.getpid()))
+        if os.path.lexists(temp):
+            os.unlink(temp)
+        os.symlink(digest, temp)
+        os.replace(temp, path)
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# --- Downloading ----------------------------------------------------------------------
+
+Result = collections.namedtuple("Result", "image ok message blobs_new blobs_reused bytes")
+Resolved = collections.namedtuple("Resolved", "image where body digest document")
+
+
+class Downloader:
+    def __init__(self, tool, writer, platforms, trim=True, jobs=4):
+        self.tool = tool
+        self.writer = writer
+        self.platforms = platforms
+        self.trim = trim
+        self.jobs = jobs
+
+    def fetch_manifest(self, image, reference, expected=None):
+        body = self.tool.manifest(reference)
+        digest = sha256_digest(body)
+        if expected and digest != expected:
+            raise DownloadError("manifest %s arrived with digest %s" % (reference, digest))
+        try:
+            document = json.loads(body)
+        except ValueError:
+            raise DownloadError("manifest %s is not JSON" % reference)
+        return body, digest, document
+
+    def resolve(self, image, where):
+        reference = image.pinned(image.digest) if image.digest else str(image)
+        body, digest, document = self.fetch_manifest(image, reference, image.digest)
+        return Resolved(image, where, body, digest, document)
+
+    def download(self, resolved):
+        """Fetch one resolved image into the tree; returns a Result."""
+        image, document = resolved.image, resolved.document
+        repo = image.tree_repo(self.trim)
+        manifests = [(resolved.body, resolved.digest, document)]
+        is_index = manifest_kind(document) == "index"
+        if is_index:
+            children = [c for c in document.get("manifests", [])
+                        if platform_matches(self.platforms, c.get("platform"))]
+            if not children:
+                raise DownloadError("no manifest for %s in the index (it has: %s)" % (
+                    ", ".join(platform_names(self.platforms)),
+                    ", ".join(describe_platform(c.get("platform"))
+                              for c in document.get("manifests", []))))
+            manifests += [self.fetch_manifest(image, image.pinned(c["digest"]), c["digest"])
+                          for c in children]
+        new = reused = fetched = 0
+        for _, digest, child in manifests[1:] if is_index else manifests:
+            descriptors = blob_descriptors(child)
+            missing = [d for d in unique(descriptors) if not self.writer.has_blob(d)]
+            reused += len(unique(descriptors)) - len(missing)
+            if missing:
+                paths = self.tool.fetch_blobs(image, digest, missing, self.writer.workdir,
+                                              self.jobs)
+                for descriptor in missing:
+                    fetched += self.writer.place_blob(descriptor, paths[descriptor["digest"]])
+                new += len(missing)
+        self.writer.link_blobs(repo)
+        for body, _, _ in manifests:
+            self.writer.save_manifest(repo, body)
+        if image.tag:
+            self.writer.link_tag(repo, image.tag, resolved.digest)
+        return Result(image, True, resolved.digest, new, reused, fetched)
+
+
+def unique(descriptors):
+    seen, result = set(), []
+    for d in descriptors:
+        if d["digest"] not in seen:
+            seen.add(d["digest"])
+            result.append(d)
+    return result
+
+
+def platform_names(platforms):
+    return ["all"] if platforms is None else ["/".join(p for p in platform if p)
+                                              for platform in platforms]
+
+
+def describe_platform(platform):
+    platform = platform or {}
+    return "/".join(p for p in (platform.get("os"), platform.get("architecture"),
+                                platform.get("variant")) if p) or "unknown"
+
+
+def find_collisions(resolved, trim):
+    """Sources that trimming maps onto one repo:tag with different digests."""
+    first, problems = {}, {}
+    for item in resolved:
+        key = (item.image.tree_repo(trim), item.image.tag or item.digest)
+        earlier = first.setdefault(key, item)
+        if earlier.digest != item.digest and earlier.image.repo != item.image.repo:
+            message = ("%s and %s both become %s:%s with different digests; use -n to keep "
+                       "the registry host" % (earlier.image, item.image, key[0], key[1]))
+            problems[str(earlier.image)] = problems[str(item.image)] = message
+    return problems
+
+
+def download_all(downloader, images):
+    """Resolve every image, refuse collisions, then download; one failure stops nothing."""
+    results, resolved = [], []
+    for image, where in images:
+        try:
+            resolved.append(downloader.resolve(image, where))
+        except DownloadError as error:
+            results.append(Result(image, False, "%s (%s)" % (error, where), 0, 0, 0))
+            log.error("%s: %s", image, error)
+    collisions = find_collisions(resolved, downloader.trim)
+    for item in resolved:
+        if str(item.image) in collisions:
+            results.append(Result(item.image, False, collisions[str(item.image)], 0, 0, 0))
+            log.error("%s: %s", item.image, collisions[str(item.image)])
+            continue
+        try:
+            result = downloader.download(item)
+        except DownloadError as error:
+            result = Result(item.image, False, str(error), 0, 0, 0)
+            log.error("%s: %s", item.image, error)
+        else:
+            log.info("%s %s %d blobs new (%s), %d reused", item.image, item.digest,
+                     result.blobs_new, human_bytes(result.bytes), result.blobs_reused)
+        results.append(result)
+    return results
+
+
+def summarise(results, seconds):
+    ok = [r for r in results if r.ok]
+    lines = ["%d images: %d ok, %d failed; blobs %d new / %d reused; %s in %.1fs" % (
+        len(results), len(ok), len(results) - len(ok), sum(r.blobs_new for r in results),
+        sum(r.blobs_reused for r in results), human_bytes(sum(r.bytes for r in results)),
+        seconds)]
+    lines += ["  FAILED %s: %s" % (r.image, r.message) for r in results if not r.ok]
+    return "\n".join(lines)
+
+
+# --- A demo tree (make run) ---------------------------------------------------------
+
+def write_demo_image(root):
+    """One small single-platform OCI image, demo/hello:latest, made here from nothing."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        text = b"Hello from embedded-registry\n"
+        info = tarfile.TarInfo("hello.txt")
+        info.size = len(text)
+        tar.addfile(info, io.BytesIO(text))
+    layer = gzip.compress(raw.getvalue(), mtime=0)
+    config = json.dumps({"architecture": "amd64", "os": "linux",
+                         "rootfs": {"type": "layers",
+                                    "diff_ids": [sha256_digest(raw.getvalue())]}}).encode()
+    writer = TreeWriter(root)
+    try:
+        descriptors = []
+        for data, media_type in ((config, "application/vnd.oci.image.config.v1+json"),
+                                 (layer, "application/vnd.oci.image.layer.v1.tar+gzip")):
+            write_atomic(os.path.join(writer.blob_dir, sha256_digest(data)), data)
+            descriptors.append({"mediaType": media_type, "digest": sha256_digest(data),
+                                "size": len(data)})
+        manifest = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                               "config": descriptors[0], "layers": descriptors[1:]}).encode()
+        writer.link_blobs("demo/hello")
+        writer.link_tag("demo/hello", "latest", writer.save_manifest("demo/hello", manifest))
+    finally:
+        writer.close()
+
+
+# --- Command line -------------------------------------------------------------------
+
+def make_parser():
+    parser = argparse.ArgumentParser(
+        prog="download_system_images.py",
+        description="Download the k3s system images (and extra images) into a registry tree "
+                    "that embedded_registry.py serves.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  python3 download_system_images.py -f extra-images.txt -p linux/arm64\n"
+               "  python3 download_system_images.py -v v1.31.4+k3s1 -p linux/amd64,linux/arm64\n"
+               "  python3 download_system_images.py -s -f my-images.txt --dry-run\n"
+               "\nenvironment:\n"
+               "  %s, %s  override the channel and release base URLs\n"
+               % (CHANNEL_URL_ENV, RELEASE_URL_ENV))
+    parser.add_argument("-v", "--version", default="stable",
+                        help="k3s version (v1.31.4+k3s1) or channel (stable, latest, v1.30) "
+                             "whose k3s-images.txt to download (default: %(default)s)")
+    parser.add_argument("-d", "--directory", default="./registry",
+                        help="the registry tree to fill (default: %(default)s)")
+    parser.add_argument("-f", "--file", action="append", default=[], metavar="FILE",
+                        help="extra image list, one reference per line; may be repeated")
+    parser.add_argument("-p", "--platform", default="linux/amd64",
+                        help="OS/ARCH[/VARIANT], a comma-separated list, or all "
+                             "(default: %(default)s)")
+    parser.add_argument("-n", "--no-trim", action="store_true",
+                        help="keep the registry host as the first path component of each repo")
+    parser.add_argument("-s", "--skip-k3s", action="store_true",
+                        help="download only the -f lists, not the k3s system images")
+    parser.add_argument("-j", "--jobs", type=int, default=4, metavar="N",
+                        help="parallel blob downloads (default: %(default)s)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print what would be downloaded, and where, then exit")
+    parser.add_argument("--tool", choices=sorted(TOOLS),
+                        help="the download tool (default: crane if on PATH, else skopeo)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow a plain-HTTP or self-signed upstream (the tool's own flag)")
+    parser.add_argument("--channel-url", default=os.environ.get(CHANNEL_URL_ENV,
+                                                                DEFAULT_CHANNEL_URL),
+                        help="k3s channel server (default: %(default)s)")
+    parser.add_argument("--release-url", default=os.environ.get(RELEASE_URL_ENV,
+                                                                DEFAULT_RELEASE_URL),
+                        help="k3s release download base (default: %(default)s)")
+    yaml = parser.add_argument_group("k3s registries.yaml")
+    yaml.add_argument("--registries-yaml", metavar="FILE",
+                      help="also write a registries.yaml mirroring %s and every source "
+                           "registry to --endpoint" % MIRROR_NAME)
+    yaml.add_argument("--endpoint", metavar="URL",
+                      help="the embedded registry as the nodes reach it, "
+                           "e.g. https://127.0.0.1:5443")
+    yaml.add_argument("--ca-file", default="/etc/embedded-registry/ca.crt",
+                      help="CA file named in registries.yaml (default: %(default)s)")
+    parser.add_argument("--demo", action="store_true",
+                        help="write a one-image demo tree (demo/hello:latest) and exit")
+    parser.add_argument("--debug", action="store_true", help="print every tool command")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only failures")
+    return parser
+
+
+def read_lists(args):
+    images = []
+    if not args.skip_k3s:
+        version = resolve_k3s_version(args.version, args.channel_url)
+        log.info("Downloading image list for %s", version)
+        images += k3s_image_list(version, args.release_url)
+    for path in args.file:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as error:
+            raise DownloadError("cannot read image list %s: %s" % (path, error.strerror))
+        images += parse_image_list(text, path)
+    return images
+
+
+def main(argv=None):
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if bool(args.registries_yaml) != bool(args.endpoint):
+        parser.error("--registries-yaml and --endpoint go together")
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
+    if args.skip_k3s and not args.file and not args.demo:
+        parser.error("-s/--skip-k3s needs at least one -f image list")
+    level = logging.DEBUG if args.debug else logging.ERROR if args.quiet else logging.INFO
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(message)s")
+    started = time.monotonic()
+    try:
+        if args.demo:
+            write_demo_image(args.directory)
+            log.info("wrote demo/hello:latest into %s", args.directory)
+            return 0
+        platforms = parse_platforms(args.platform)
+        images = read_lists(args)
+        if args.registries_yaml:
+            write_atomic(args.registries_yaml, registries_yaml(
+                [image.registry for image, _ in images], args.endpoint, args.ca_file).encode())
+        if args.dry_run:
+            for image, where in images:
+                print("%s -> %s/%s  (%s)" % (image, args.directory,
+                                            image.tree_repo(not args.no_trim), where))
+            return 0
+        tool = find_tool(args.tool, args.insecure)
+        writer = TreeWriter(args.directory)
+    except DownloadError as error:
+        print("%s: error: %s" % (parser.prog, error), file=sys.stderr)
+        return 2
+    try:
+        results = download_all(Downloader(tool, writer, platforms, not args.no_trim, args.jobs),
+                               images)
+    except KeyboardInterrupt:
+        print("interrupted; run again to complete the tree", file=sys.stderr)
+        return 130
+    finally:
+        writer.close()
+    summary = summarise(results, time.monotonic() - started)
+    print(summary, file=sys.stderr if not all(r.ok for r in results) else sys.stdout)
+    return 0 if all(r.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
