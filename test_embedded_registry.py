@@ -350,6 +350,11 @@ def test_parse_range_unsatisfiable(header, size):
     assert caught.value.status == 416
 
 
+def test_is_loopback():
+    assert all(er.is_loopback(h) for h in ("127.0.0.1", "127.9.9.9", "::1", "localhost"))
+    assert not any(er.is_loopback(h) for h in ("0.0.0.0", "::", "10.0.0.1", "node1"))
+
+
 def test_parse_listen():
     assert er.parse_listen("127.0.0.1:5443") == ("127.0.0.1", 5443)
     assert er.parse_listen("[::1]:80") == ("::1", 80)
@@ -693,7 +698,13 @@ def test_skopeo_copies_every_image(tls_server, tls, fixture, tmp_path):
         source = "docker://%s/%s" % (host_port(tls_server), image)
         raw = run([skopeo, "inspect", "--raw", "--cert-dir", certs, source]).stdout
         assert sha256(raw.encode()) == digest, image
-        # dir: keeps every manifest as it came, so the copy proves the digests held.
+        if media_type.startswith("application/vnd.oci."):
+            layout = str(tmp_path / "oci")
+            run([skopeo, "copy", "--all", "--preserve-digests", "--src-cert-dir", certs,
+                 source, "oci:%s:%s" % (layout, image.replace("/", "-").replace(":", "-"))])
+            with open(os.path.join(layout, "index.json")) as f:
+                assert digest in [m["digest"] for m in json.load(f)["manifests"]], image
+        # dir: keeps every manifest as it came (Docker lists too): the digests held.
         copy = tmp_path / image.replace("/", "_").replace(":", "_")
         run([skopeo, "copy", "--all", "--preserve-digests", "--src-cert-dir", certs,
              source, "dir:%s" % copy])
@@ -1043,7 +1054,7 @@ def test_download_then_serve_and_pull(tool, upstream, fixture, tls, containerd, 
                          "--channel-url", releases.base + "/channels",
                          "--release-url", releases.base + "/download",
                          "--registries-yaml", str(tmp_path / "registries.yaml"),
-                         "--endpoint", "https://127.0.0.1:5443"] + tool["args"],
+                         "--endpoint", "https://127.0.0.1:5443", "--debug"] + tool["args"],
                         path_prefix=tool["path"])
     assert result.returncode == 0, result.stderr
     assert "Downloading image list for v1.99.9+k3s1" in result.stderr
@@ -1057,8 +1068,8 @@ def test_download_then_serve_and_pull(tool, upstream, fixture, tls, containerd, 
     assert (root / "library/multi/manifests" / amd64).exists()
     assert not (root / "library/multi/manifests" / arm64).exists()
     assert (root / "plain/no-media-type/manifests" / plain_digest).exists()
-    assert '"%s":' % upstream.host.split(":")[0] in (tmp_path / "registries.yaml").read_text() \
-        or '"%s":' % upstream.host in (tmp_path / "registries.yaml").read_text()
+    assert '  "%s":\n    endpoint:' % upstream.host in (tmp_path / "registries.yaml").read_text()
+    assert re.search(r"^\+ \S+ (manifest|inspect --raw) ", result.stderr, re.M)
     with serving(str(root), tls) as server:
         certs = cert_dir_for(tls)
         by_digest = "docker://%s/library/multi@%s" % (host_port(server), multi_digest)
