@@ -37,6 +37,7 @@ served (404, logged): a corrupt tree must not poison a node. No directory is lis
 
 import argparse
 import collections
+import contextlib
 import hashlib
 import http.server
 import io
@@ -58,7 +59,7 @@ from http import HTTPStatus
 
 __all__ = [
     "RegistryError", "Route", "parse_route", "media_type_of", "parse_range",
-    "Tree", "RegistryHandler", "RegistryServer", "make_tls_context", "main",
+    "Tree", "RegistryHandler", "RegistryServer", "TlsCredentials", "make_tls_context", "main",
 ]
 __version__ = "0.1.0"
 
@@ -441,11 +442,24 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
     # larger than the buffer go straight to the socket.
     wbufsize = 64 * 1024
 
+    busy = False
+
     def setup(self):
         self.timeout = self.server.idle_timeout
         super().setup()
         if self.connection.family in (socket.AF_INET, socket.AF_INET6):
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.server.track(self, True)
+
+    def finish(self):
+        self.server.track(self, False)
+        super().finish()
+
+    def close_if_idle(self):
+        """Called at shutdown: a connection between requests is closed under its reader."""
+        if not self.busy:
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(self.connection, socket.SHUT_RDWR)
 
     # Dispatch ---------------------------------------------------------------------
 
@@ -570,9 +584,13 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
     def _timed(self, method):
         started = time.monotonic()
         self.response_status = self.response_bytes = 0
+        self.busy = True
         try:
             method()
         finally:
+            self.busy = False
+            if self.server.stopping:
+                self.close_connection = True
             log.info("%s %s %s %s %d %.3fs", self.client_address[0], self.command,
                      escape_for_log(self.path), self.response_status,
                      self.response_bytes, time.monotonic() - started)
@@ -593,13 +611,16 @@ class RegistryServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128
 
-    def __init__(self, address, tree, ssl_context=None, *, max_connections=256,
+    def __init__(self, address, tree, tls=None, *, max_connections=1024,
                  handshake_timeout=10.0, idle_timeout=60.0, handler_class=RegistryHandler):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.tree = tree
-        self.ssl_context = ssl_context
+        self.tls = tls
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
+        self.stopping = False
+        self._connections = set()
+        self._connections_lock = threading.Lock()
         # Acquired in the accept loop: past the limit, new connections wait in the backlog.
         self._slots = threading.BoundedSemaphore(max_connections)
         super().__init__(address, handler_class)
@@ -613,7 +634,26 @@ class RegistryServer(http.server.ThreadingHTTPServer):
     def url(self):
         host, port = self.server_address[:2]
         host = "[%s]" % host if ":" in host else host
-        return "%s://%s:%d" % ("https" if self.ssl_context else "http", host, port)
+        return "%s://%s:%d" % ("https" if self.tls else "http", host, port)
+
+    def track(self, handler, open_):
+        with self._connections_lock:
+            (self._connections.add if open_ else self._connections.discard)(handler)
+
+    def drain(self, timeout):
+        """After shutdown(): close idle connections, let requests in flight finish."""
+        self.stopping = True
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._connections_lock:
+                handlers = list(self._connections)
+            if not handlers:
+                return 0
+            if time.monotonic() >= deadline:
+                return len(handlers)
+            for handler in handlers:
+                handler.close_if_idle()
+            time.sleep(0.05)
 
     def process_request(self, request, client_address):
         self._slots.acquire()
@@ -631,12 +671,12 @@ class RegistryServer(http.server.ThreadingHTTPServer):
 
     def finish_request(self, request, client_address):
         """Runs in the connection's own thread, so a slow TLS handshake stalls no one else."""
-        if self.ssl_context is None:
+        if self.tls is None:
             self.RequestHandlerClass(request, client_address, self, directory=self.tree.root)
             return
         request.settimeout(self.handshake_timeout)
         try:
-            tls = self.ssl_context.wrap_socket(request, server_side=True)
+            tls = self.tls.current().wrap_socket(request, server_side=True)
         except (OSError, ValueError) as error:
             log.info("%s TLS handshake failed: %s", client_address[0], error)
             return
@@ -658,19 +698,88 @@ class ConfigError(Exception):
     """A problem with the command line or the files it names; main() reports it."""
 
 
-def make_tls_context(cert, key):
+def make_tls_context(cert, key, client_ca=None):
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    for flag, path in (("--cert", cert), ("--key", key)):
+    for flag, path in (("--cert", cert), ("--key", key), ("--client-ca", client_ca)):
         try:
-            open(path, "rb").close()
+            if path:
+                open(path, "rb").close()
         except OSError as error:
             raise ConfigError("cannot read %s %s: %s" % (flag, path, error.strerror))
     try:
         context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as error:
         raise ConfigError("cannot load certificate %s with key %s: %s" % (cert, key, error))
+    if client_ca:
+        try:
+            context.load_verify_locations(client_ca)
+        except (OSError, ssl.SSLError) as error:
+            raise ConfigError("cannot load client CA %s: %s" % (client_ca, error))
+        context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+def file_identity(path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class TlsCredentials:
+    """The TLS context, rebuilt when its files change (or on SIGHUP).
+
+    A new context serves new connections; open ones keep theirs. A broken new
+    certificate or key is logged and the last good context stays in use.
+    """
+
+    check_interval = 1.0
+
+    def __init__(self, cert, key, client_ca=None):
+        self.files = (cert, key, client_ca)
+        self.context = make_tls_context(*self.files)
+        self._identity = self._identify()
+        self._checked = time.monotonic()
+        self._lock = threading.Lock()
+
+    def _identify(self):
+        return tuple(file_identity(path) for path in self.files if path)
+
+    def current(self):
+        now = time.monotonic()
+        if now - self._checked >= self.check_interval:
+            self._checked = now
+            if self._identify() != self._identity:
+                self.reload()
+        return self.context
+
+    def reload(self):
+        with self._lock:
+            self._identity = self._identify()
+            try:
+                self.context = make_tls_context(*self.files)
+            except ConfigError as error:
+                log.error("keeping the current TLS certificate: %s", error)
+                return False
+        log.info("loaded TLS certificate %s", self.files[0])
+        return True
+
+
+def notify_systemd(state):
+    """Send a Type=notify state (READY=1, RELOADING=1, STOPPING=1); a no-op outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(state.encode())
+    except OSError as error:
+        log.warning("cannot notify systemd at %s: %s", address, error)
 
 
 def parse_listen(text):
@@ -692,10 +801,10 @@ def is_loopback(host):
 def build_server(args):
     if not os.path.isdir(args.root):
         raise ConfigError("root directory %s does not exist (--root)" % args.root)
-    context = make_tls_context(args.cert, args.key) if args.cert else None
+    tls = TlsCredentials(args.cert, args.key, args.client_ca) if args.cert else None
     host, port = parse_listen(args.listen)
     try:
-        return RegistryServer((host, port), Tree(args.root), context,
+        return RegistryServer((host, port), Tree(args.root), tls,
                               max_connections=args.max_connections,
                               handshake_timeout=args.handshake_timeout,
                               idle_timeout=args.idle_timeout)
@@ -703,17 +812,30 @@ def build_server(args):
         raise ConfigError("cannot listen on %s: %s" % (args.listen, error.strerror or error))
 
 
-def serve_until_signalled(server):
+def serve_until_signalled(server, shutdown_timeout):
     def stop(signum, _frame):
         log.info("received %s, stopping", signal.Signals(signum).name)
+        notify_systemd("STOPPING=1")
         # shutdown() waits for serve_forever() to return, so it cannot run on its thread.
         threading.Thread(target=server.shutdown, daemon=True).start()
 
+    def reload(_signum, _frame):
+        notify_systemd("RELOADING=1\nMONOTONIC_USEC=%d" % (time.monotonic() * 1e6))
+        if server.tls:
+            server.tls.reload()
+        notify_systemd("READY=1")
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, reload)
+    notify_systemd("READY=1")
     try:
         server.serve_forever()
     finally:
+        left = server.drain(shutdown_timeout)
+        if left:
+            log.warning("%d connections still busy after %ss; closing them",
+                        left, shutdown_timeout)
         server.server_close()
 
 
@@ -736,14 +858,19 @@ def make_parser():
     tls = parser.add_argument_group("TLS (without --cert/--key the server speaks plain HTTP)")
     tls.add_argument("--cert", metavar="FILE", help="PEM certificate chain, server first")
     tls.add_argument("--key", metavar="FILE", help="PEM private key of --cert")
+    tls.add_argument("--client-ca", metavar="FILE",
+                     help="require client certificates signed by this CA (mutual TLS)")
     limits = parser.add_argument_group("limits")
-    limits.add_argument("--max-connections", type=int, default=256, metavar="N",
+    limits.add_argument("--max-connections", type=int, default=1024, metavar="N",
                         help="connections served at once; more wait (default: %(default)s)")
     limits.add_argument("--handshake-timeout", type=float, default=10.0, metavar="SECONDS",
                         help="time allowed for a TLS handshake (default: %(default)s)")
     limits.add_argument("--idle-timeout", type=float, default=60.0, metavar="SECONDS",
                         help="time a connection may stay silent, between requests or while "
                              "a client stops reading (default: %(default)s)")
+    limits.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="on SIGTERM, time given to transfers in flight (default: "
+                             "%(default)s)")
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="log warnings and errors only, no access log")
     parser.add_argument("--debug", action="store_true", help="log tracebacks of failures")
@@ -755,6 +882,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if bool(args.cert) != bool(args.key):
         parser.error("--cert and --key go together")
+    if args.client_ca and not args.cert:
+        parser.error("--client-ca needs --cert and --key")
     if args.max_connections < 1:
         parser.error("--max-connections must be at least 1")
     level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
@@ -765,11 +894,11 @@ def main(argv=None):
     except ConfigError as error:
         print("%s: error: %s" % (parser.prog, error), file=sys.stderr)
         return 2
-    if server.ssl_context is None and not is_loopback(server.server_address[0]):
+    if server.tls is None and not is_loopback(server.server_address[0]):
         log.warning("serving plain HTTP beyond loopback on %s: give --cert and --key for TLS",
                     args.listen)
     log.info("serving %s/v2/ from %s", server.url, server.tree.root)
-    serve_until_signalled(server)
+    serve_until_signalled(server, args.shutdown_timeout)
     return 0
 
 

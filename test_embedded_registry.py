@@ -199,8 +199,8 @@ def make_ca_and_cert(directory, name="server"):
 @contextlib.contextmanager
 def serving(root, tls=None, **kwargs):
     """The real server, in this process, on a free loopback port."""
-    context = er.make_tls_context(tls["cert"], tls["key"]) if tls else None
-    server = er.RegistryServer(("127.0.0.1", 0), er.Tree(str(root)), context, **kwargs)
+    credentials = er.TlsCredentials(tls["cert"], tls["key"], tls.get("client_ca")) if tls else None
+    server = er.RegistryServer(("127.0.0.1", 0), er.Tree(str(root)), credentials, **kwargs)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -216,9 +216,11 @@ def host_port(server):
 
 
 def connect(server, tls=None):
-    if server.ssl_context is None:
+    if server.tls is None:
         return http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
     context = ssl.create_default_context(cafile=tls["ca"])
+    if tls.get("client_cert"):
+        context.load_cert_chain(tls["client_cert"], tls["client_key"])
     return http.client.HTTPSConnection("127.0.0.1", server.server_address[1], timeout=30,
                                        context=context)
 
