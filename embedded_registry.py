@@ -412,6 +412,145 @@ def _namespaced(name):
     return bool(rest) and HOST_RE.fullmatch(host) and NAME_RE.fullmatch(rest)
 
 
+# --- Offline integrity check (--check) ---------------------------------------------------
+
+class TreeCheck:
+    """Verify a whole tree without serving it: what an operator runs after extracting it."""
+
+    def __init__(self, root, deep=False):
+        self.root = os.path.realpath(root)
+        self.deep = deep
+        self.problems = []
+        self.counts = collections.Counter()
+        self._blobs_seen = {}
+        self._manifests_seen = set()
+
+    def problem(self, path, message):
+        self.problems.append({"path": path, "problem": message})
+
+    def run(self):
+        for top, dirs, files in os.walk(self.root):
+            for name in dirs + files:
+                self._check_entry(os.path.join(top, name), name)
+            if os.path.basename(top) == "manifests":
+                self._check_repository(os.path.dirname(top), sorted(files))
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+        return self
+
+    def _check_entry(self, path, name):
+        if name.startswith(".") and (name.endswith(".tmp") or name.startswith(".incoming-")):
+            self.problem(path, "temporary file left by an interrupted download; remove it")
+        elif os.path.islink(path) and not os.path.exists(path):
+            self.problem(path, "dangling symlink to %s" % os.readlink(path))
+        elif os.path.islink(path) and not self._inside(os.path.realpath(path)):
+            self.problem(path, "symlink leads outside the root; the server will not follow it")
+
+    def _inside(self, real):
+        return real == self.root or real.startswith(self.root + os.sep)
+
+    def _check_repository(self, repo_dir, names):
+        self.counts["repositories"] += 1
+        for name in names:
+            path = os.path.join(repo_dir, "manifests", name)
+            if name.startswith(".") or not os.path.exists(path):
+                continue
+            if TAG_RE.fullmatch(name):
+                self.counts["tags"] += 1
+            elif name.startswith("sha256:"):
+                self.counts["manifests"] += 1
+            else:
+                self.problem(path, "neither a tag nor a sha256 digest: never served")
+                continue
+            real = os.path.realpath(path)
+            if real in self._manifests_seen:
+                continue  # a tag naming a manifest checked already
+            self._manifests_seen.add(real)
+            document = self._read_manifest(path, name)
+            if document is not None:
+                self._check_references(repo_dir, path, document)
+
+    def _read_manifest(self, path, name):
+        try:
+            with open(path, "rb") as f:
+                body = f.read(MAX_MANIFEST_BYTES + 1)
+            document = json.loads(body)
+        except (OSError, ValueError) as error:
+            self.problem(path, "not a readable JSON manifest: %s" % error)
+            return None
+        digest = digest_of(body)
+        real_name = os.path.basename(os.path.realpath(path))
+        if real_name.startswith("sha256:") and real_name != digest:
+            self.problem(path, "hashes to %s, not to its name" % digest)
+            return None
+        if len(body) > MAX_MANIFEST_BYTES:
+            self.problem(path, "over the %d-byte manifest limit" % MAX_MANIFEST_BYTES)
+        if not isinstance(document, dict) or media_type_of(document) is None:
+            self.problem(path, "no mediaType and no recognisable manifest shape")
+            return None
+        return document
+
+    def _check_references(self, repo_dir, path, document):
+        # The downloader keeps only the requested platforms' children: absent ones are
+        # counted, and only an index with none of its children is a problem.
+        children = document.get("manifests") or []
+        present = [c for c in children
+                   if os.path.isfile(os.path.join(repo_dir, "manifests", c.get("digest", "")))]
+        self.counts["platforms not downloaded"] += len(children) - len(present)
+        if children and not present:
+            self.problem(path, "none of the index's child manifests is in the tree (%s)" % (
+                ", ".join(describe_platform(c.get("platform")) for c in children)))
+        descriptors = [document.get("config")] + list(document.get("layers") or [])
+        for descriptor in descriptors:
+            if isinstance(descriptor, dict) and not descriptor.get("urls"):
+                self._check_blob(repo_dir, path, descriptor)
+
+    def _check_blob(self, repo_dir, path, descriptor):
+        digest = descriptor.get("digest", "")
+        blob = os.path.realpath(os.path.join(repo_dir, "blobs", digest))
+        if blob not in self._blobs_seen:
+            self._blobs_seen[blob] = self._verify_blob(blob, descriptor)
+            self.counts["blobs"] += 1
+        if self._blobs_seen[blob]:
+            self.problem(path, "blob %s %s" % (digest, self._blobs_seen[blob]))
+
+    def _verify_blob(self, blob, descriptor):
+        """None if the blob is sound, else what is wrong with it."""
+        if not self._inside(blob) or not os.path.isfile(blob):
+            return "is missing"
+        size = os.path.getsize(blob)
+        if size != descriptor.get("size"):
+            return "is %d bytes, %s declared" % (size, descriptor.get("size"))
+        if self.deep:
+            algorithm = descriptor["digest"].partition(":")[0]
+            h = hashlib.new(algorithm if algorithm in DIGEST_HEX_LENGTHS else "sha256")
+            with open(blob, "rb") as f:
+                for chunk in iter(lambda: f.read(COPY_CHUNK), b""):
+                    h.update(chunk)
+            if "%s:%s" % (h.name, h.hexdigest()) != descriptor["digest"]:
+                return "does not hash to its digest (damaged)"
+        return None
+
+    def report(self):
+        lines = ["%s: %s" % (p["path"], p["problem"]) for p in self.problems]
+        lines.append("checked %d repositories, %d tags, %d manifests, %d blobs%s "
+                     "(%d platforms not downloaded): %s" % (
+            self.counts["repositories"], self.counts["tags"], self.counts["manifests"],
+            self.counts["blobs"], " (hashed)" if self.deep else "",
+            self.counts["platforms not downloaded"],
+            "%d problems" % len(self.problems) if self.problems else "no problems"))
+        return "\n".join(lines)
+
+    def as_json(self):
+        return json.dumps({"root": self.root, "ok": not self.problems, "deep": self.deep,
+                           "counts": dict(self.counts), "problems": self.problems}, indent=2)
+
+
+def describe_platform(platform):
+    platform = platform if isinstance(platform, dict) else {}
+    return "/".join(platform[k] for k in ("os", "architecture", "variant")
+                    if platform.get(k)) or "no platform"
+
+
 # --- The HTTP handler: one request, one route ----------------------------------------
 
 class BlobBody:
@@ -871,6 +1010,11 @@ def make_parser():
     limits.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
                         help="on SIGTERM, time given to transfers in flight (default: "
                              "%(default)s)")
+    check = parser.add_argument_group("integrity check (instead of serving)")
+    check.add_argument("--check", action="store_true",
+                       help="verify the tree under --root offline and exit: 0 if sound, 1 if not")
+    check.add_argument("--deep", action="store_true", help="with --check, hash every blob")
+    check.add_argument("--json", action="store_true", help="with --check, print JSON")
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="log warnings and errors only, no access log")
     parser.add_argument("--debug", action="store_true", help="log tracebacks of failures")
@@ -889,6 +1033,14 @@ def main(argv=None):
     level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
+    if args.check:
+        if not os.path.isdir(args.root):
+            print("%s: error: root directory %s does not exist (--root)" % (
+                parser.prog, args.root), file=sys.stderr)
+            return 2
+        result = TreeCheck(args.root, args.deep).run()
+        print(result.as_json() if args.json else result.report())
+        return 1 if result.problems else 0
     try:
         server = build_server(args)
     except ConfigError as error:

@@ -1062,6 +1062,8 @@ def test_download_then_serve_and_pull(tool, upstream, fixture, tls, containerd, 
     assert "Downloading image list for v1.99.9+k3s1" in result.stderr
     assert "4 images: 4 ok, 0 failed" in result.stdout
     tree_is_sound(str(root))
+    checked = check(root, "--deep")
+    assert checked.returncode == 0, checked.stdout
     for image in ("library/multi:v1", "rancher/docker-list:v2", "a/b/c/d:1.0"):
         repo, tag = image.rsplit(":", 1)
         tag_file = root / repo / "manifests" / tag
@@ -1343,3 +1345,63 @@ def test_idle_sockets_do_not_block_a_pull(fixture, tls, capsys, tmp_path):
         print("\n[measured] skopeo pull with 300 idle sockets held open: %.2fs" % elapsed)
     # Far below the handshake timeout (10 s) that a blocked accept loop would wait out.
     assert elapsed < 8
+
+
+# --- Integrity check -------------------------------------------------------------------
+
+def check(root, *flags):
+    result = subprocess.run([sys.executable, os.path.join(HERE, "embedded_registry.py"),
+                             "--check", "--root", str(root)] + list(flags),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True, timeout=60)
+    assert "Traceback" not in result.stderr
+    return result
+
+
+def test_check_passes_a_sound_tree(fixture):
+    result = check(fixture.root, "--deep", "--json")
+    assert result.returncode == 0, result.stdout
+    report = json.loads(result.stdout)
+    assert report["ok"] and report["problems"] == []
+    assert report["counts"]["repositories"] == 4 and report["counts"]["tags"] == 4
+
+
+def flip_a_bit(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "truncated blob": (lambda r, m: (r / "blobs" / m["layers"][1]["digest"]).write_bytes(b"x"),
+                       "bytes,", False),
+    "bit-flipped blob": (lambda r, m: flip_a_bit(r / "blobs" / m["layers"][0]["digest"]),
+                         "does not hash to its digest", True),
+    "missing blob": (lambda r, m: (r / "blobs" / m["config"]["digest"]).unlink(),
+                     "is missing", False),
+    "corrupt manifest": (lambda r, m: flip_a_bit(r / "app/manifests" / m["digest"]),
+                         "not to its name", False),
+    "missing children": (lambda r, m: [(r / "app/manifests" / c).unlink() for c in m["children"]],
+                         "none of the index's child manifests", False),
+    "dangling tag": (lambda r, m: os.symlink("sha256:" + "0" * 64, str(r / "app/manifests/gone")),
+                     "dangling symlink", False),
+    "stray temporary": (lambda r, m: (r / "blobs" / ".sha256:abc.tmp").write_bytes(b"partial"),
+                        "temporary file", False),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_check_finds_damage(tmp_path, damage):
+    builder = TreeBuilder(tmp_path)
+    _, index_digest, children = builder.index("app", "1", ["amd64", "arm64"])
+    manifest = json.loads((tmp_path / "app/manifests" / children[0]).read_bytes())
+    manifest.update(digest=children[0], children=children)
+    assert check(tmp_path).returncode == 0
+    harm, message, deep_only = DAMAGE[damage]
+    harm(tmp_path, manifest)
+    result = check(tmp_path, "--deep")
+    assert result.returncode == 1
+    assert message in result.stdout
+    assert "problems" in result.stdout.splitlines()[-1]
+    if deep_only:
+        assert check(tmp_path).returncode == 0
