@@ -466,7 +466,7 @@ class Downloader:
         self.trim = trim
         self.jobs = jobs
 
-    def fetch_manifest(self, image, reference, expected=None):
+    def fetch_manifest(self, reference, expected=None):
         body = self.tool.manifest(reference)
         digest = sha256_digest(body)
         if expected and digest != expected:
@@ -479,7 +479,7 @@ class Downloader:
 
     def resolve(self, image, where):
         reference = image.pinned(image.digest) if image.digest else str(image)
-        body, digest, document = self.fetch_manifest(image, reference, image.digest)
+        body, digest, document = self.fetch_manifest(reference, image.digest)
         return Resolved(image, where, body, digest, document)
 
     def download(self, resolved):
@@ -496,7 +496,7 @@ class Downloader:
                     ", ".join(platform_names(self.platforms)),
                     ", ".join(describe_platform(c.get("platform"))
                               for c in document.get("manifests", []))))
-            manifests += [self.fetch_manifest(image, image.pinned(c["digest"]), c["digest"])
+            manifests += [self.fetch_manifest(image.pinned(c["digest"]), c["digest"])
                           for c in children]
         new = reused = fetched = 0
         for _, digest, child in manifests[1:] if is_index else manifests:

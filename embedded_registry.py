@@ -301,7 +301,7 @@ class Tree:
         return found
 
     def _resolve_file(self, path):
-        """The real path of a regular file inside the root, or None."""
+        """The real path behind path if it lies inside the root, else None (and a warning)."""
         real = os.path.realpath(path)
         if not self.contains(real):
             log.warning("refusing %s: it resolves outside the root to %s", path, real)
