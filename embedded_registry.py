@@ -198,6 +198,14 @@ def digest_of(data, algorithm="sha256"):
     return "%s:%s" % (algorithm, hashlib.new(algorithm, data).hexdigest())
 
 
+def digest_of_file(f, algorithm="sha256"):
+    """The digest of an open file's contents from its current position on."""
+    h = hashlib.new(algorithm)
+    for chunk in iter(lambda: f.read(COPY_CHUNK), b""):
+        h.update(chunk)
+    return "%s:%s" % (algorithm, h.hexdigest())
+
+
 def media_type_of(document):
     """The media type of a parsed manifest: its own field, else inferred from its shape."""
     declared = document.get("mediaType")
@@ -272,16 +280,58 @@ def escape_for_log(text, limit=400):
 # --- Storage: the tree, looked up safely, with a manifest cache ---------------------
 
 Manifest = collections.namedtuple("Manifest", "body media_type digest")
+# An open blob file and what is known of it: verified is True, or None while unhashed.
+Blob = collections.namedtuple("Blob", "file size path identity digest verified")
+
+
+def stat_identity(st):
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def file_identity(path):
+    try:
+        return stat_identity(os.stat(path))
+    except OSError:
+        return None
+
+
+class IdentityCache:
+    """A bounded LRU map from a real path to what was learned of that file.
+
+    An entry holds only while the file keeps its identity (device, inode, size, mtime):
+    a replaced, rewritten or re-pointed file is looked at anew, never trusted blindly.
+    """
+
+    MISSING = object()
+
+    def __init__(self, size):
+        self._entries = collections.OrderedDict()  # real path -> (identity, value)
+        self._size = size
+        self._lock = threading.Lock()
+
+    def get(self, path, identity):
+        with self._lock:
+            entry = self._entries.get(path)
+            if entry is None or entry[0] != identity:
+                return self.MISSING
+            self._entries.move_to_end(path)
+            return entry[1]
+
+    def put(self, path, identity, value):
+        with self._lock:
+            self._entries[path] = (identity, value)
+            self._entries.move_to_end(path)
+            while len(self._entries) > self._size:
+                self._entries.popitem(last=False)
 
 
 class Tree:
     """Read-only lookups in a registry tree; nothing outside the real root is served."""
 
-    def __init__(self, root, manifest_cache_size=512):
+    def __init__(self, root, cache_size=4096):
         self.root = os.path.realpath(root)
-        self._manifests = collections.OrderedDict()  # real path -> (identity, Manifest|None)
-        self._cache_size = manifest_cache_size
-        self._lock = threading.Lock()
+        self._manifests = IdentityCache(cache_size)  # Manifest, or None if unservable
+        self._blob_verdicts = IdentityCache(cache_size)  # True (sound) or False (corrupt)
 
     def contains(self, real_path):
         return real_path == self.root or real_path.startswith(self.root + os.sep)
@@ -333,18 +383,11 @@ class Tree:
             return None
         if not stat.S_ISREG(st.st_mode):
             return None
-        identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        with self._lock:
-            cached = self._manifests.get(real)
-            if cached and cached[0] == identity:
-                self._manifests.move_to_end(real)
-                return cached[1]
-        manifest = self._read_manifest(real, st.st_size)
-        with self._lock:
-            self._manifests[real] = (identity, manifest)
-            self._manifests.move_to_end(real)
-            while len(self._manifests) > self._cache_size:
-                self._manifests.popitem(last=False)
+        identity = stat_identity(st)
+        manifest = self._manifests.get(real, identity)
+        if manifest is IdentityCache.MISSING:
+            manifest = self._read_manifest(real, st.st_size)
+            self._manifests.put(real, identity, manifest)
         return manifest
 
     def _read_manifest(self, real, size):
@@ -371,7 +414,7 @@ class Tree:
         return Manifest(body, media_type, digest)
 
     def open_blob(self, name, digest, ns=None):
-        """An open file and its size for the blob, or RegistryError BLOB_UNKNOWN."""
+        """The Blob, open, or RegistryError BLOB_UNKNOWN (also for one known to be corrupt)."""
         for repo in self.repo_dirs(name, ns):
             real = self._resolve_file(os.path.join(repo, "blobs", digest))
             if not real:
@@ -381,11 +424,33 @@ class Tree:
             except OSError:
                 continue
             st = os.fstat(f.fileno())
-            if stat.S_ISREG(st.st_mode):
-                return f, st.st_size
+            identity = stat_identity(st)
+            verdict = self._blob_verdicts.get(real, identity)
+            if stat.S_ISREG(st.st_mode) and verdict is not False:
+                return Blob(f, st.st_size, real, identity, digest,
+                            True if verdict is True else None)
+            if verdict is False:
+                log.warning("blob %s does not hash to its name; not served", real)
             f.close()
         raise RegistryError(HTTPStatus.NOT_FOUND, "BLOB_UNKNOWN", "blob unknown to registry",
                             {"name": name, "digest": digest})
+
+    def record_verdict(self, blob, actual_digest):
+        """Remember whether blob hashed to its name; a corrupt one is not served again."""
+        sound = actual_digest == blob.digest
+        self._blob_verdicts.put(blob.path, blob.identity, sound)
+        if not sound:
+            log.error("blob %s hashes to %s, not to its name: corrupt, no longer served",
+                      blob.path, actual_digest)
+        return sound
+
+    def verify_blob(self, blob):
+        """Hash a whole blob now (for small ones, before any byte is sent)."""
+        algorithm = blob.digest.partition(":")[0]
+        blob.file.seek(0)
+        sound = self.record_verdict(blob, digest_of_file(blob.file, algorithm))
+        blob.file.seek(0)
+        return sound
 
     def tags(self, name, ns=None):
         tags = set()
@@ -522,11 +587,10 @@ class TreeCheck:
             return "is %d bytes, %s declared" % (size, descriptor.get("size"))
         if self.deep:
             algorithm = descriptor["digest"].partition(":")[0]
-            h = hashlib.new(algorithm if algorithm in DIGEST_HEX_LENGTHS else "sha256")
             with open(blob, "rb") as f:
-                for chunk in iter(lambda: f.read(COPY_CHUNK), b""):
-                    h.update(chunk)
-            if "%s:%s" % (h.name, h.hexdigest()) != descriptor["digest"]:
+                actual = digest_of_file(f, algorithm if algorithm in DIGEST_HEX_LENGTHS
+                                        else "sha256")
+            if actual != descriptor["digest"]:
                 return "does not hash to its digest (damaged)"
         return None
 
@@ -553,22 +617,62 @@ def describe_platform(platform):
 
 # --- The HTTP handler: one request, one route ----------------------------------------
 
-class BlobBody:
-    """A byte range of an open blob file, read like a file by copyfile()."""
+class BlobError(Exception):
+    """A blob cannot be sent whole and sound; the connection is cut before its end."""
 
-    def __init__(self, f, start, length):
-        self.file = f
+
+class BlobBody:
+    """A byte range of an open blob, read like a file by copyfile().
+
+    With a tree to report to, the whole blob is hashed as it streams and the final
+    chunk is released only if the digest matches: no client receives a complete
+    corrupt blob, and the verdict is remembered for the file.
+    """
+
+    def __init__(self, blob, start, length, verify_for=None):
+        self.blob = blob
         self.remaining = length
+        self.tree = verify_for
+        self.hash = hashlib.new(blob.digest.partition(":")[0]) if verify_for else None
         if start:
-            f.seek(start)
+            blob.file.seek(start)
 
     def read(self, size=COPY_CHUNK):
-        data = self.file.read(min(size, self.remaining))
+        data = self.blob.file.read(min(size, self.remaining))
+        if not data and self.remaining:
+            raise BlobError("blob %s ended %d bytes early (truncated while served)" % (
+                self.blob.path, self.remaining))
         self.remaining -= len(data)
+        if self.hash:
+            self.hash.update(data)
+            if not self.remaining and not self.tree.record_verdict(
+                    self.blob, "%s:%s" % (self.hash.name, self.hash.hexdigest())):
+                raise BlobError("blob %s is corrupt; its final chunk was held back" %
+                                self.blob.path)
         return data
 
     def close(self):
-        self.file.close()
+        self.blob.file.close()
+
+
+class DeadlineReader(io.RawIOBase):
+    """A connection's read side. While a deadline is set, each receive gets only the
+    time left, so a request trickled in a byte at a time (slow loris) still times out."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.deadline = None
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("request headers not complete in time")
+            self.sock.settimeout(left)
+        return self.sock.recv_into(buffer)
 
 
 class RegistryHandler(http.server.SimpleHTTPRequestHandler):
@@ -584,10 +688,12 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
     busy = False
 
     def setup(self):
-        self.timeout = self.server.idle_timeout
-        super().setup()
+        self.connection = self.request
         if self.connection.family in (socket.AF_INET, socket.AF_INET6):
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.reader = DeadlineReader(self.connection)
+        self.rfile = io.BufferedReader(self.reader)
+        self.wfile = self.connection.makefile("wb", self.wbufsize)
         self.server.track(self, True)
 
     def finish(self):
@@ -599,6 +705,27 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
         if not self.busy:
             with contextlib.suppress(OSError):
                 socket.socket.shutdown(self.connection, socket.SHUT_RDWR)
+
+    # Timeouts: idle between requests, a deadline for the headers, then sending -----
+
+    def handle_one_request(self):
+        self.connection.settimeout(self.server.idle_timeout)
+        try:
+            if not self.rfile.peek(1):
+                self.close_connection = True
+                return
+        except (socket.timeout, OSError):
+            self.close_connection = True  # idle too long: a normal end, not worth a log line
+            return
+        self.reader.deadline = time.monotonic() + self.server.header_timeout
+        super().handle_one_request()
+
+    def parse_request(self):
+        try:
+            return super().parse_request()
+        finally:
+            self.reader.deadline = None
+            self.connection.settimeout(self.server.send_timeout)
 
     # Dispatch ---------------------------------------------------------------------
 
@@ -636,12 +763,19 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
             ("Docker-Content-Digest", digest), ("ETag", '"%s"' % digest)])
 
     def serve_blob(self, route):
-        f, size = self.server.tree.open_blob(route.name, route.reference, route.ns)
+        tree = self.server.tree
+        blob = tree.open_blob(route.name, route.reference, route.ns)
         try:
-            span = parse_range(self.headers.get("Range"), size)
+            span = parse_range(self.headers.get("Range"), blob.size)
+            # The first whole GET hashes the blob; a small one before its headers are sent.
+            verify = self.command == "GET" and span is None and not blob.verified
+            if verify and blob.size <= COPY_CHUNK and not tree.verify_blob(blob):
+                raise RegistryError(HTTPStatus.NOT_FOUND, "BLOB_UNKNOWN",
+                                    "blob unknown to registry", {"digest": route.reference})
         except RegistryError:
-            f.close()
+            blob.file.close()
             raise
+        size = blob.size
         headers = [("Docker-Content-Digest", route.reference), ("Accept-Ranges", "bytes"),
                    ("ETag", '"%s"' % route.reference)]
         if span is None:
@@ -650,7 +784,7 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
             status, start, length = HTTPStatus.PARTIAL_CONTENT, span[0], span[1] - span[0] + 1
             headers.append(("Content-Range", "bytes %d-%d/%d" % (span[0], span[1], size)))
         self.send_headers(status, "application/octet-stream", length, headers)
-        return BlobBody(f, start, length)
+        return BlobBody(blob, start, length, tree if verify and blob.size > COPY_CHUNK else None)
 
     def serve_tags(self, route):
         tags, more = paginate(self.server.tree.tags(route.name, route.ns), route.query)
@@ -712,11 +846,12 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
         self.response_bytes = len(body)
 
     def copyfile(self, source, outputfile):
-        while True:
-            chunk = source.read(COPY_CHUNK)
-            if not chunk:
-                break
-            outputfile.write(chunk)
+        try:
+            for chunk in iter(lambda: source.read(COPY_CHUNK), b""):
+                outputfile.write(chunk)
+        except BlobError as error:
+            log.error("%s %s", self.client_address[0], error)
+            self.close_connection = True  # short of Content-Length: the client sees the cut
 
     # Logging ----------------------------------------------------------------------
 
@@ -751,12 +886,15 @@ class RegistryServer(http.server.ThreadingHTTPServer):
     request_queue_size = 128
 
     def __init__(self, address, tree, tls=None, *, max_connections=1024,
-                 handshake_timeout=10.0, idle_timeout=60.0, handler_class=RegistryHandler):
+                 handshake_timeout=10.0, header_timeout=10.0, idle_timeout=60.0,
+                 send_timeout=60.0, handler_class=RegistryHandler):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.tree = tree
         self.tls = tls
         self.handshake_timeout = handshake_timeout
+        self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
+        self.send_timeout = send_timeout
         self.stopping = False
         self._connections = set()
         self._connections_lock = threading.Lock()
@@ -859,14 +997,6 @@ def make_tls_context(cert, key, client_ca=None):
     return context
 
 
-def file_identity(path):
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
 class TlsCredentials:
     """The TLS context, rebuilt when its files change (or on SIGHUP).
 
@@ -946,7 +1076,9 @@ def build_server(args):
         return RegistryServer((host, port), Tree(args.root), tls,
                               max_connections=args.max_connections,
                               handshake_timeout=args.handshake_timeout,
-                              idle_timeout=args.idle_timeout)
+                              header_timeout=args.header_timeout,
+                              idle_timeout=args.idle_timeout,
+                              send_timeout=args.send_timeout)
     except OSError as error:
         raise ConfigError("cannot listen on %s: %s" % (args.listen, error.strerror or error))
 
@@ -980,6 +1112,17 @@ def serve_until_signalled(server, shutdown_timeout):
 
 # --- Command line --------------------------------------------------------------------
 
+def seconds(text):
+    """An argparse type: a finite number of seconds above zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError("expected seconds above 0, got %r" % text)
+    return value
+
+
 def make_parser():
     parser = argparse.ArgumentParser(
         prog="embedded_registry.py",
@@ -1002,12 +1145,18 @@ def make_parser():
     limits = parser.add_argument_group("limits")
     limits.add_argument("--max-connections", type=int, default=1024, metavar="N",
                         help="connections served at once; more wait (default: %(default)s)")
-    limits.add_argument("--handshake-timeout", type=float, default=10.0, metavar="SECONDS",
+    limits.add_argument("--handshake-timeout", type=seconds, default=10.0, metavar="SECONDS",
                         help="time allowed for a TLS handshake (default: %(default)s)")
-    limits.add_argument("--idle-timeout", type=float, default=60.0, metavar="SECONDS",
-                        help="time a connection may stay silent, between requests or while "
-                             "a client stops reading (default: %(default)s)")
-    limits.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+    limits.add_argument("--header-timeout", type=seconds, default=10.0, metavar="SECONDS",
+                        help="time allowed for a request line and headers once they start, "
+                             "however slowly they trickle in (default: %(default)s)")
+    limits.add_argument("--idle-timeout", type=seconds, default=60.0, metavar="SECONDS",
+                        help="time a keep-alive connection may wait for its next request "
+                             "(default: %(default)s)")
+    limits.add_argument("--send-timeout", type=seconds, default=60.0, metavar="SECONDS",
+                        help="time a client may stop reading a response before it is cut "
+                             "off (default: %(default)s)")
+    limits.add_argument("--shutdown-timeout", type=seconds, default=30.0, metavar="SECONDS",
                         help="on SIGTERM, time given to transfers in flight (default: "
                              "%(default)s)")
     check = parser.add_argument_group("integrity check (instead of serving)")

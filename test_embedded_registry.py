@@ -667,7 +667,8 @@ def test_cli_port_in_use(tmp_path):
 def test_cli_help_names_every_flag():
     result = run([sys.executable, os.path.join(HERE, "embedded_registry.py"), "--help"])
     for flag in ("--root", "--listen", "--cert", "--key", "--max-connections",
-                 "--handshake-timeout", "--idle-timeout", "--quiet"):
+                 "--handshake-timeout", "--header-timeout", "--idle-timeout", "--send-timeout",
+                 "--shutdown-timeout", "--client-ca", "--check", "--quiet"):
         assert flag in result.stdout
 
 
@@ -1405,3 +1406,174 @@ def test_check_finds_damage(tmp_path, damage):
     assert "problems" in result.stdout.splitlines()[-1]
     if deep_only:
         assert check(tmp_path).returncode == 0
+
+
+# --- Blobs verified while served -------------------------------------------------------
+
+def read_cut(conn, path):
+    """GET a blob the server may cut short: (status, Content-Length, bytes received)."""
+    conn.request("GET", path)
+    response = conn.getresponse()
+    length = int(response.headers["Content-Length"])
+    try:
+        body = response.read()
+    except http.client.IncompleteRead as cut:
+        body = cut.partial
+    return response.status, length, body
+
+
+@pytest.mark.parametrize("damage", ["bit-flipped", "truncated", "small bit-flipped"])
+def test_corrupt_blob_is_cut_short_then_refused(tmp_path, caplog, damage):
+    builder = TreeBuilder(tmp_path)
+    size = 100 * 1024 if damage.startswith("small") else 5 * 1024 * 1024 + 17
+    descriptor = builder.blob(os.urandom(size), "application/octet-stream")
+    builder.link_blobs("app")
+    path = tmp_path / "blobs" / descriptor["digest"]
+    if damage == "truncated":
+        with open(str(path), "r+b") as f:
+            f.truncate(size // 2)
+    else:
+        flip_a_bit(path)
+    url = "/v2/app/blobs/" + descriptor["digest"]
+    with caplog.at_level(logging.INFO, logger="embedded_registry"):
+        with serving(tmp_path) as server:
+            status, length, body = read_cut(connect(server), url)
+            if damage.startswith("small"):
+                assert status == 404  # hashed before a byte was sent
+            else:
+                assert status == 200 and len(body) < length  # the final chunk held back
+                assert length - len(body) <= er.COPY_CHUNK
+            for method in ("GET", "HEAD"):
+                status, _, body = fetch(connect(server), method, url)
+                assert status == 404
+            assert json.loads(fetch(connect(server), "GET", url)[2])["errors"][0]["code"] == \
+                "BLOB_UNKNOWN"
+    assert str(path) in caplog.text
+    assert "Traceback" not in caplog.text
+
+
+def test_sound_blob_is_verified_once_and_repaired_blob_served(tmp_path, caplog):
+    builder = TreeBuilder(tmp_path)
+    data = os.urandom(3 * 1024 * 1024)
+    descriptor = builder.blob(data, "application/octet-stream")
+    builder.link_blobs("app")
+    path = tmp_path / "blobs" / descriptor["digest"]
+    url = "/v2/app/blobs/" + descriptor["digest"]
+    with serving(tmp_path) as server:
+        conn = connect(server)
+        for _ in range(2):
+            status, length, body = read_cut(conn, url)
+            assert (status, length, sha256(body)) == (200, len(data), descriptor["digest"])
+        assert fetch(conn, "GET", url, {"Range": "bytes=10-19"})[2] == data[10:20]
+        # Damaged after its verdict: the file's identity changed, so it is hashed again.
+        flip_a_bit(path)
+        assert len(read_cut(connect(server), url)[2]) < len(data)
+        assert fetch(connect(server), "GET", url)[0] == 404
+        path.write_bytes(data)  # repaired in place
+        status, _, body = read_cut(connect(server), url)
+        assert status == 200 and body == data
+
+
+def test_blob_truncated_while_served_is_cut(tmp_path, caplog):
+    builder = TreeBuilder(tmp_path)
+    data = os.urandom(48 * 1024 * 1024)
+    descriptor = builder.blob(data, "application/octet-stream")
+    builder.link_blobs("app")
+    path = str(tmp_path / "blobs" / descriptor["digest"])
+    with caplog.at_level(logging.INFO, logger="embedded_registry"):
+        with serving(tmp_path) as server:
+            conn = connect(server)
+            conn.request("GET", "/v2/app/blobs/" + descriptor["digest"])
+            response = conn.getresponse()
+            first = response.read(1024 * 1024)
+            with open(path, "r+b") as f:
+                f.truncate(2 * 1024 * 1024)
+            with pytest.raises(http.client.IncompleteRead):
+                response.read()
+            assert first == data[:len(first)]
+            # The server is fine, and the shortened file no longer matches its name.
+            assert fetch(connect(server), "GET", "/v2/")[0] == 200
+    assert "ended" in caplog.text and path in caplog.text
+
+
+# --- Hostile clients: slow loris, stalled readers ------------------------------------------
+
+def test_slow_loris_sockets_are_cut_and_do_not_block_a_pull(fixture, tls, capsys, tmp_path):
+    skopeo = need("skopeo")
+    with serving(fixture.root, tls, header_timeout=2) as server:
+        context = ssl.create_default_context(cafile=tls["ca"])
+        lorises, began = [], []
+        try:
+            for _ in range(300):
+                sock = context.wrap_socket(socket.create_connection(
+                    ("127.0.0.1", server.server_address[1])), server_hostname="127.0.0.1")
+                sock.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n")
+                began.append(time.monotonic())
+                sock.settimeout(0.01)
+                lorises.append(sock)
+            cut_at = {}  # socket number -> seconds from its first byte until the cut
+            started = time.monotonic()
+            finished = []
+
+            def pull():
+                run([skopeo, "copy", "--src-cert-dir", cert_dir_for(tls),
+                     "docker://%s/a/b/c/d:1.0" % host_port(server),
+                     "dir:%s" % (tmp_path / "copy")])
+                finished.append(time.monotonic() - started)
+
+            puller = threading.Thread(target=pull)
+            puller.start()
+            while len(cut_at) < len(lorises) and time.monotonic() - started < 30:
+                for number, sock in enumerate(lorises):  # one more header byte each
+                    if number in cut_at:
+                        continue
+                    try:
+                        sock.sendall(b"X")
+                        if sock.recv(1024) == b"":
+                            cut_at[number] = time.monotonic() - began[number]
+                    except (ssl.SSLWantReadError, socket.timeout):
+                        pass
+                    except OSError:
+                        cut_at[number] = time.monotonic() - began[number]
+                time.sleep(0.2)
+            puller.join(60)
+        finally:
+            for sock in lorises:
+                sock.close()
+    with capsys.disabled():
+        print("\n[measured] skopeo pull beside 300 slow-loris sockets: %.2fs; the 2 s header "
+              "deadline cut each %.2f-%.2fs after its first byte" % (
+                  finished[0], min(cut_at.values()), max(cut_at.values())))
+    assert finished, "the pull failed"
+    assert len(cut_at) == 300, "some trickling sockets were never cut"
+    assert finished[0] < 8
+    # They kept sending, yet the deadline held: a per-receive timeout would never fire.
+    assert min(cut_at.values()) >= 1.9
+
+
+def test_client_that_stops_reading_is_cut_off(tmp_path, caplog):
+    builder = TreeBuilder(tmp_path)
+    descriptor = builder.blob(os.urandom(64 * 1024 * 1024), "application/octet-stream")
+    builder.link_blobs("big")
+    with caplog.at_level(logging.INFO, logger="embedded_registry"):
+        with serving(tmp_path, send_timeout=1, max_connections=1) as server:
+            stalled = socket.socket()
+            stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            stalled.connect(("127.0.0.1", server.server_address[1]))
+            stalled.sendall(b"GET /v2/big/blobs/%s HTTP/1.1\r\nHost: x\r\n\r\n" %
+                            descriptor["digest"].encode())
+            time.sleep(0.5)
+            # The stalled reader holds the only connection slot until it is cut off.
+            started = time.monotonic()
+            status = fetch(connect(server), "GET", "/v2/")[0]
+            waited = time.monotonic() - started
+            stalled.settimeout(10)
+            received = 0
+            with contextlib.suppress(ConnectionError):
+                for chunk in iter(lambda: stalled.recv(1 << 20), b""):
+                    received += len(chunk)
+            stalled.close()
+    assert status == 200
+    assert 0.3 < waited < 10
+    assert received < 64 * 1024 * 1024
+    assert "timed out" in caplog.text and "Traceback" not in caplog.text
