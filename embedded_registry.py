@@ -833,6 +833,8 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
         """The base class's own errors (bad request line, 501, ...) as OCI JSON, closing."""
         self.log_error("code %d, message %s", code, message)
         self.close_connection = True
+        # Garbage parses as an HTTP/0.9 request, whose answers have no status line.
+        self.request_version = "HTTP/1.1"
         status = HTTPStatus(code)
         body = oci_error_body(GENERIC_ERROR_CODES.get(status, "UNSUPPORTED"),
                               message or status.phrase)

@@ -240,7 +240,7 @@ def raw_exchange(server, data, timeout=10):
         while True:
             try:
                 chunk = sock.recv(65536)
-            except socket.timeout:
+            except (socket.timeout, ConnectionResetError):
                 break
             if not chunk:
                 break
@@ -543,10 +543,15 @@ def test_nothing_outside_the_root_is_served(hostile_tree, caplog):
         b"GET /v2/good/app/blobs/..%2f..%2fescape%2fcanary.json HTTP/1.1\r\n\r\n",
         b"GET /v2/good\x00/manifests/1 HTTP/1.1\r\n\r\n",
         b"GET /v2/" + b"a/" * 5000 + b"manifests/1 HTTP/1.1\r\n\r\n",
-        b"GET /" + b"x" * 70000 + b" HTTP/1.1\r\n\r\n",
-        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + os.urandom(64) + b"\r\n\r\n",
-        b"GET /v2/ HTTP/1.1\r\n" + b"X-Long: " + b"y" * 70000 + b"\r\n\r\n",
-        b"GET /v2/ HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(150)) + b"\r\n",
+    ]
+    # Malformed requests, with the status each must get before the connection closes.
+    malformed = [
+        (b"GET /" + b"x" * 70000 + b" HTTP/1.1\r\n\r\n", 414),
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + os.urandom(64) + b"\r\n\r\n", 400),
+        (b"GET /v2/ HTTP/1.1\r\n" + b"X-Long: " + b"y" * 70000 + b"\r\n\r\n", 431),
+        (b"GET /v2/ HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(150)) + b"\r\n",
+         431),
+        (b"garbage\r\n\r\n", 400),
     ]
     with caplog.at_level(logging.INFO, logger="embedded_registry"):
         with serving(hostile_tree["root"], idle_timeout=2) as server:
@@ -555,6 +560,10 @@ def test_nothing_outside_the_root_is_served(hostile_tree, caplog):
                 assert b'"canary": true' not in answer
                 status = int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/") else None
                 assert status is None or 400 <= status < 500, attack[:80]
+            for attack, expected in malformed:
+                answer = raw_exchange(server, attack)
+                assert answer.startswith(b"HTTP/1.1 %d " % expected), (attack[:40], answer[:80])
+                assert b"Connection: close" in answer and b'{"errors": [' in answer
             conn = connect(server)
             assert fetch(conn, "GET", "/v2/good/app/manifests/1")[0] == 200
             # A malformed ns is only ignored: the plain tree answers.
@@ -684,6 +693,16 @@ def test_silent_tls_client_does_not_stall_others(fixture, tls):
             silent.close()
 
 
+def test_plain_http_on_the_tls_port_is_closed_and_logged_once(fixture, tls, caplog):
+    with caplog.at_level(logging.INFO, logger="embedded_registry"):
+        with serving(fixture.root, tls) as server:
+            answer = raw_exchange(server, b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert fetch(connect(server, tls), "GET", "/v2/")[0] == 200
+    assert b"HTTP/1.1 200" not in answer and b"errors" not in answer
+    assert caplog.text.count("TLS handshake failed") == 1
+    assert "Traceback" not in caplog.text
+
+
 # --- Real clients: skopeo, containerd, podman -----------------------------------------
 
 def cert_dir_for(tls):
@@ -805,6 +824,23 @@ def test_containerd_pulls_through_mirror_and_hijack(fixture, tls, containerd, ca
     # containerd unpacked the arm64 image: its layer holds the arm64 entry point.
     content = containerd("content", "ls").stdout
     assert multi_children[1] in content
+
+
+def test_containerd_falls_back_past_a_corrupt_blob(fixture, tls, containerd, tmp_path, caplog):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(fixture.root, str(damaged), symlinks=True)
+    digest = fixture.images["a/b/c/d:1.0"][0]
+    manifest = json.loads((damaged / "a/b/c/d/manifests" / digest).read_bytes())
+    layer = damaged / "blobs" / manifest["layers"][1]["digest"]
+    flip_a_bit(layer)
+    with caplog.at_level(logging.INFO, logger="embedded_registry"):
+        with serving(damaged, tls) as first, serving(fixture.root, tls) as second:
+            write_hosts_toml(containerd.hosts_dir, MIRROR, [
+                "https://" + host_port(first), "https://" + host_port(second)], tls["ca"])
+            containerd("images", "pull", "--hosts-dir", containerd.hosts_dir,
+                       "--snapshotter", "native", MIRROR + "/a/b/c/d:1.0")
+    assert ctr_image_digests(containerd) == {MIRROR + "/a/b/c/d:1.0": digest}
+    assert "blob %s hashes to" % layer in caplog.text
 
 
 def test_podman_pulls(tls_server, tls, fixture, tmp_path, request):
