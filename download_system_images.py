@@ -29,12 +29,14 @@ PATH (--tool picks one). Image list format: one reference per line; blank lines 
 import argparse
 import collections
 import concurrent.futures
+import contextlib
 import gzip
 import hashlib
 import io
 import json
 import logging
 import os
+import posixpath
 import re
 import shutil
 import subprocess
@@ -45,6 +47,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import zlib
 
 __version__ = "0.1.0"
 
@@ -65,6 +68,15 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
+DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+# A Docker archive's layers are whatever `docker save` wrote, usually uncompressed tars.
+DOCKER_LAYER_TYPES = [(b"\x1f\x8b", "application/vnd.docker.image.rootfs.diff.tar.gzip"),
+                      (b"\x28\xb5\x2f\xfd", "application/vnd.docker.image.rootfs.diff.tar.zstd"),
+                      (b"", "application/vnd.docker.image.rootfs.diff.tar")]
+# Where an OCI layout's index.json names its images, the most complete name first.
+IMAGE_NAME_ANNOTATIONS = ("io.containerd.image.name", "org.opencontainers.image.ref.name")
+OCI_BLOB_RE = re.compile(r"blobs/sha256/([a-f0-9]{64})")
+ZSTD_SUFFIXES = (".zst", ".zstd", ".tzst")
 
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 NAME_RE = re.compile(r"%s(?:/%s)*" % (_COMPONENT, _COMPONENT))
@@ -247,7 +259,15 @@ def run_tool(argv, stdout=subprocess.PIPE, env=None):
     return result.stdout
 
 
-class Crane:
+class Source:
+    """Where images come from: manifest(reference) -> bytes, fetch_blobs() -> {digest: path}."""
+
+    def has_manifest(self, digest):
+        """Whether a child manifest can be fetched at all (a registry has every one)."""
+        return True
+
+
+class Crane(Source):
     """crane manifest / crane blob; trusts SSL_CERT_FILE for a private upstream."""
 
     name = "crane"
@@ -272,7 +292,7 @@ class Crane:
             return dict(pool.map(fetch, descriptors))
 
 
-class Skopeo:
+class Skopeo(Source):
     """skopeo inspect --raw / skopeo copy to dir:; trusts /etc/containers/certs.d."""
 
     name = "skopeo"
@@ -310,6 +330,206 @@ def find_tool(choice, insecure):
                         "(skopeo is packaged by most distributions)")
 
 
+# --- Image archives (--from-archive): docker-archive and oci-archive files ---------------
+
+@contextlib.contextmanager
+def tar_stream(path):
+    """The archive as a streaming TarFile: .tar, .tar.gz (stdlib) or .tar.zst (zstd program)."""
+    if not path.endswith(ZSTD_SUFFIXES):
+        with tarfile.open(path, "r|*") as tar:
+            yield tar
+        return
+    zstd = shutil.which("zstd")
+    if not zstd:
+        raise DownloadError("%s is zstd-compressed and the zstd program is not installed "
+                            "(apt-get install zstd), or decompress it first: zstd -d %s"
+                            % (path, path))
+    with tempfile.TemporaryFile() as errors:
+        process = subprocess.Popen([zstd, "-dcq", "--", path], stdout=subprocess.PIPE,
+                                   stderr=errors)
+        try:
+            with tarfile.open(fileobj=process.stdout, mode="r|") as tar:
+                yield tar
+        finally:
+            process.stdout.close()
+            if process.wait() != 0:
+                errors.seek(0)
+                raise DownloadError("zstd cannot decompress %s: %s" % (
+                    path, errors.read().decode("utf-8", "replace").strip()))
+
+
+def member_name(name):
+    """An archive member's normalised name, or None if it could escape (absolute, ..)."""
+    name = posixpath.normpath(name)
+    if name.startswith(("/", "../")) or name in ("..", "."):
+        return None
+    return name
+
+
+def unpack_archive(path, dest):
+    """Extract every regular file of an archive into dest under a flat, safe name.
+
+    Returns {member name: extracted path}; links inside the archive resolve to the
+    file they name, and nothing is ever written outside dest.
+    """
+    files, links = {}, {}
+    try:
+        with tar_stream(path) as tar:
+            for member in tar:
+                name = member_name(member.name)
+                if name is None:
+                    log.warning("%s: skipping unsafe member name %r", path, member.name)
+                elif member.isfile():
+                    target = os.path.join(dest, "%d" % len(files))
+                    with tar.extractfile(member) as source, open(target, "wb") as out:
+                        shutil.copyfileobj(source, out, 1024 * 1024)
+                    files[name] = target
+                elif member.issym():
+                    links[name] = member_name(posixpath.join(posixpath.dirname(name),
+                                                             member.linkname))
+                elif member.islnk():
+                    links[name] = member_name(member.linkname)
+    except FileNotFoundError:
+        raise DownloadError("archive %s does not exist" % path)
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
+        raise DownloadError("cannot read %s as a tar archive (.tar, .tar.gz, .tar.zst): %s"
+                            % (path, error))
+    for _ in range(8):  # links to links, a few levels deep
+        for name, target in links.items():
+            if target in files:
+                files.setdefault(name, files[target])
+    return files
+
+
+def read_json_member(files, name, archive):
+    try:
+        with open(files[name], "rb") as f:
+            return json.loads(f.read())
+    except KeyError:
+        raise DownloadError("%s: %s is not in the archive" % (archive, name))
+    except ValueError as error:
+        raise DownloadError("%s: %s is not valid JSON: %s" % (archive, name, error))
+
+
+def layer_media_type(path):
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    return next(media_type for prefix, media_type in DOCKER_LAYER_TYPES
+                if magic.startswith(prefix))
+
+
+def oci_image_name(annotations):
+    """The image reference an OCI index entry is named by, or None."""
+    annotations = annotations if isinstance(annotations, dict) else {}
+    for key in IMAGE_NAME_ANNOTATIONS:
+        name = annotations.get(key)
+        # A bare "1.0" (the spec's tag-only form) names no repository.
+        if isinstance(name, str) and ("/" in name or ":" in name):
+            return name
+    return None
+
+
+class ArchiveSource(Source):
+    """Images from docker-archive and oci-archive files, handed to Downloader like a tool.
+
+    OCI archives keep every manifest and blob byte for byte, so all digests match the
+    upstream. A Docker archive holds no manifest and (usually) uncompressed layers: a
+    Docker v2 manifest is written for it, so the config digest (the image ID) and the
+    layers' diff IDs match upstream, but the manifest and layer digests cannot.
+    """
+
+    name = "archive"
+
+    def __init__(self, workdir):
+        self.workdir = workdir
+        self.blobs = {}  # digest -> extracted file
+        self.manifests = {}  # digest -> manifest bytes written here (Docker archives)
+        self.problems = []  # (what, message) for images that cannot be imported
+
+    def add(self, path):
+        """Unpack one archive; returns [(ImageRef pinned to its digest, where)]."""
+        files = unpack_archive(path, tempfile.mkdtemp(prefix="archive-", dir=self.workdir))
+        for name, extracted in files.items():
+            match = OCI_BLOB_RE.fullmatch(name)
+            if match:
+                self.blobs["sha256:" + match.group(1)] = extracted
+        if "index.json" in files:
+            return self._oci_images(path, files)
+        if "manifest.json" in files:
+            return self._docker_images(path, files)
+        raise DownloadError("%s holds neither an OCI layout (index.json) nor a Docker "
+                            "archive (manifest.json)" % path)
+
+    def _oci_images(self, path, files):
+        images = []
+        entries = read_json_member(files, "index.json", path).get("manifests") or []
+        for number, entry in enumerate(entries, 1):
+            where = "%s, index.json entry %d" % (path, number)
+            name = oci_image_name(entry.get("annotations"))
+            digest = entry.get("digest")
+            if not name:
+                self.problems.append((where, "no image name in its annotations (%s)"
+                                      % ", ".join(IMAGE_NAME_ANNOTATIONS)))
+            elif digest not in self.blobs:
+                self.problems.append((where, "its manifest %s is not in the archive" % digest))
+            else:
+                images.append(self._named(name, digest, where))
+        return [image for image in images if image]
+
+    def _docker_images(self, path, files):
+        images = []
+        for number, entry in enumerate(read_json_member(files, "manifest.json", path), 1):
+            where = "%s, manifest.json entry %d" % (path, number)
+            members = [entry.get("Config")] + list(entry.get("Layers") or [])
+            absent = [m for m in members if m not in files]
+            if absent:
+                self.problems.append((where, "%s is not in the archive" % absent[0]))
+                continue
+            descriptors = [self._blob(files[entry["Config"]], DOCKER_CONFIG)]
+            descriptors += [self._blob(files[m], layer_media_type(files[m]))
+                            for m in entry["Layers"]]
+            body = json.dumps({"schemaVersion": 2, "mediaType": DOCKER_MANIFEST,
+                               "config": descriptors[0], "layers": descriptors[1:]},
+                              indent=3).encode()
+            digest = sha256_digest(body)
+            self.manifests[digest] = body
+            if not entry.get("RepoTags"):
+                self.problems.append((where, "no RepoTags: the image has no name to serve "
+                                      "it under"))
+            images += [self._named(tag, digest, where) for tag in entry.get("RepoTags") or []]
+        return [image for image in images if image]
+
+    def _blob(self, extracted, media_type):
+        digest = file_digest(extracted)
+        self.blobs[digest] = extracted
+        return {"mediaType": media_type, "digest": digest, "size": os.path.getsize(extracted)}
+
+    def _named(self, name, digest, where):
+        try:
+            return parse_reference(name.partition("@")[0])._replace(digest=digest), where
+        except ValueError as error:
+            self.problems.append((where, str(error)))
+            return None
+
+    def has_manifest(self, digest):
+        return digest in self.manifests or digest in self.blobs
+
+    def manifest(self, reference):
+        digest = reference.rpartition("@")[2]
+        if digest in self.manifests:
+            return self.manifests[digest]
+        if digest not in self.blobs:
+            raise DownloadError("manifest %s is not in the archive" % reference)
+        with open(self.blobs[digest], "rb") as f:
+            return f.read()
+
+    def fetch_blobs(self, image, manifest_digest, descriptors, workdir, jobs):
+        missing = [d["digest"] for d in descriptors if d["digest"] not in self.blobs]
+        if missing:
+            raise DownloadError("blob %s of %s is not in the archive" % (missing[0], image))
+        return {d["digest"]: self.blobs[d["digest"]] for d in descriptors}
+
+
 # --- The k3s image list ---------------------------------------------------------------
 
 def fetch_url(url):
@@ -342,7 +562,7 @@ def k3s_image_list(version, release_url):
 # --- Storage: atomic writes into the tree ---------------------------------------------
 
 def write_atomic(path, data):
-    directory, name = os.path.split(path)
+    directory, name = os.path.split(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, temp = tempfile.mkstemp(prefix="." + name + ".", suffix=".tmp", dir=directory)
     try:
@@ -490,7 +710,8 @@ class Downloader:
         is_index = manifest_kind(document) == "index"
         if is_index:
             children = [c for c in document.get("manifests", [])
-                        if platform_matches(self.platforms, c.get("platform"))]
+                        if platform_matches(self.platforms, c.get("platform"))
+                        and self.tool.has_manifest(c.get("digest"))]
             if not children:
                 raise DownloadError("no manifest for %s in the index (it has: %s)" % (
                     ", ".join(platform_names(self.platforms)),
@@ -571,7 +792,8 @@ def download_all(downloader, images):
             result = Result(item.image, False, str(error), 0, 0, 0)
             log.error("%s: %s", item.image, error)
         else:
-            log.info("%s %s %d blobs new (%s), %d reused", item.image, item.digest,
+            named = item.image._replace(digest=None) if item.image.tag else item.image
+            log.info("%s %s %d blobs new (%s), %d reused", named, item.digest,
                      result.blobs_new, human_bytes(result.bytes), result.blobs_reused)
         results.append(result)
     return results
@@ -669,6 +891,10 @@ def make_parser():
                            "e.g. https://127.0.0.1:5443")
     yaml.add_argument("--ca-file", default="/etc/embedded-registry/ca.crt",
                       help="CA file named in registries.yaml (default: %(default)s)")
+    parser.add_argument("--from-archive", nargs="+", metavar="FILE",
+                        help="import docker-archive or oci-archive files (.tar, .tar.gz, "
+                             ".tar.zst), such as k3s-airgap-images-<arch>.tar, instead of "
+                             "downloading; needs no crane, skopeo or internet")
     parser.add_argument("--demo", action="store_true",
                         help="write a one-image demo tree (demo/hello:latest) and exit")
     parser.add_argument("--debug", action="store_true", help="print every tool command")
@@ -692,6 +918,14 @@ def read_lists(args):
     return images
 
 
+def read_archives(paths, workdir):
+    source = ArchiveSource(workdir)
+    images = []
+    for path in paths:
+        images += source.add(path)
+    return source, images
+
+
 def main(argv=None):
     parser = make_parser()
     args = parser.parse_args(argv)
@@ -699,18 +933,25 @@ def main(argv=None):
         parser.error("--registries-yaml and --endpoint go together")
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
+    if args.from_archive and args.file:
+        parser.error("--from-archive imports archives only; download -f lists in another run")
     if args.skip_k3s and not args.file and not args.demo:
         parser.error("-s/--skip-k3s needs at least one -f image list")
     level = logging.DEBUG if args.debug else logging.ERROR if args.quiet else logging.INFO
     logging.basicConfig(level=level, stream=sys.stderr, format="%(message)s")
     started = time.monotonic()
+    writer = None
     try:
         if args.demo:
             write_demo_image(args.directory)
             log.info("wrote demo/hello:latest into %s", args.directory)
             return 0
         platforms = parse_platforms(args.platform)
-        images = read_lists(args)
+        if args.from_archive:
+            writer = TreeWriter(args.directory)
+            tool, images = read_archives(args.from_archive, writer.workdir)
+        else:
+            images = read_lists(args)
         if args.registries_yaml:
             write_atomic(args.registries_yaml, registries_yaml(
                 [image.registry for image, _ in images], args.endpoint, args.ca_file).encode())
@@ -719,23 +960,25 @@ def main(argv=None):
                 print("%s -> %s/%s  (%s)" % (image, args.directory,
                                             image.tree_repo(not args.no_trim), where))
             return 0
-        tool = find_tool(args.tool, args.insecure)
-        writer = TreeWriter(args.directory)
+        if not args.from_archive:
+            tool = find_tool(args.tool, args.insecure)
+            writer = TreeWriter(args.directory)
+        results = download_all(Downloader(tool, writer, platforms, not args.no_trim, args.jobs),
+                               images)
     except DownloadError as error:
         print("%s: error: %s" % (parser.prog, error), file=sys.stderr)
         return 2
-    try:
-        results = download_all(Downloader(tool, writer, platforms, not args.no_trim, args.jobs),
-                               images)
     except KeyboardInterrupt:
         print("interrupted; run again to complete the tree", file=sys.stderr)
         return 130
     finally:
-        writer.close()
+        if writer:
+            writer.close()
+    results += [Result(what, False, message, 0, 0, 0)
+                for what, message in getattr(tool, "problems", [])]
     summary = summarise(results, time.monotonic() - started)
     print(summary, file=sys.stderr if not all(r.ok for r in results) else sys.stdout)
     return 0 if all(r.ok for r in results) else 1
-
 
 if __name__ == "__main__":
     sys.exit(main())

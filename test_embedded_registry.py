@@ -1613,3 +1613,127 @@ def test_client_that_stops_reading_is_cut_off(tmp_path, caplog):
     assert 0.3 < waited < 10
     assert received < 64 * 1024 * 1024
     assert "timed out" in caplog.text and "Traceback" not in caplog.text
+
+
+# --- Importing image archives (--from-archive) -------------------------------------------
+
+@pytest.fixture(scope="session")
+def archives(tmp_path_factory, tls_server, tls, fixture):
+    """Archives made by skopeo from the fixture: an OCI archive holding the whole index,
+    and Docker archives (one platform each), in .tar, .tar.gz and .tar.zst."""
+    skopeo = need("skopeo")
+    zstd = need("zstd")
+    directory = tmp_path_factory.mktemp("archives")
+    source = "docker://%s/" % host_port(tls_server)
+    certs = cert_dir_for(tls)
+    oci = str(directory / "multi-oci.tar")
+    run([skopeo, "copy", "--all", "--preserve-digests", "--src-cert-dir", certs,
+         source + "library/multi:v1", "oci-archive:%s:docker.io/library/multi:v1" % oci])
+    docker = str(directory / "abcd-docker.tar")
+    run([skopeo, "copy", "--src-cert-dir", certs, source + "a/b/c/d:1.0",
+         "docker-archive:%s:docker.io/a/b/c/d:1.0" % docker])
+    listed = str(directory / "list-docker.tar")
+    run([skopeo, "copy", "--override-arch", "arm64", "--src-cert-dir", certs,
+         source + "rancher/docker-list:v2", "docker-archive:%s:rancher/docker-list:v2" % listed])
+    with open(oci, "rb") as f, gzip.open(oci + ".gz", "wb") as out:
+        shutil.copyfileobj(f, out)
+    run([zstd, "-q", docker, "-o", docker + ".zst"])
+    return {"oci": oci, "oci.gz": oci + ".gz", "docker": docker, "docker.zst": docker + ".zst",
+            "list": listed}
+
+
+def blob_of(root, descriptor):
+    return (root / "blobs" / descriptor["digest"]).read_bytes()
+
+
+@pytest.mark.parametrize("oci, docker", [("oci", "docker"), ("oci.gz", "docker.zst")])
+def test_archives_import_into_a_tree_that_serves(archives, fixture, tls, containerd, tmp_path,
+                                                 oci, docker):
+    root = tmp_path / "registry"
+    result = downloader(["--from-archive", archives[oci], archives[docker], archives["list"],
+                         "-p", "linux/arm64", "-d", str(root)])
+    assert result.returncode == 0, result.stderr
+    assert "3 images: 3 ok, 0 failed" in result.stdout
+    tree_is_sound(str(root))
+    assert check(root, "--deep").returncode == 0
+    # OCI: every byte kept, so the upstream index digest still resolves, with arm64 only.
+    index_digest, _, children = fixture.images["library/multi:v1"]
+    manifests = root / "library/multi/manifests"
+    assert os.readlink(str(manifests / "v1")) == index_digest
+    assert (manifests / children[1]).exists() and not (manifests / children[0]).exists()
+    # Docker: the config (the image ID) and the uncompressed layers' diff IDs match upstream.
+    upstream_manifest = json.loads(open(fixture.file(
+        "a/b/c/d/manifests", fixture.images["a/b/c/d:1.0"][0]), "rb").read())
+    tag = root / "a/b/c/d/manifests/1.0"
+    imported = json.loads(tag.read_bytes())
+    assert imported["mediaType"] == er.DOCKER_MANIFEST
+    assert imported["config"]["digest"] == upstream_manifest["config"]["digest"]
+    diff_ids = json.loads(blob_of(root, imported["config"]))["rootfs"]["diff_ids"]
+    assert [layer["digest"] for layer in imported["layers"]] == diff_ids
+    assert os.readlink(str(tag)) != fixture.images["a/b/c/d:1.0"][0]
+    # The same archive imports to the same tree: digests are reproducible.
+    again = tmp_path / "again"
+    assert downloader(["--from-archive", archives["docker"], "-d", str(again)]).returncode == 0
+    assert os.readlink(str(again / "a/b/c/d/manifests/1.0")) == os.readlink(str(tag))
+    # containerd pulls what was imported, the OCI image by its upstream digest.
+    with serving(root, tls) as server:
+        write_hosts_toml(containerd.hosts_dir, MIRROR, ["https://" + host_port(server)],
+                         tls["ca"])
+        pulls = {"%s/library/multi@%s" % (MIRROR, index_digest): index_digest,
+                 MIRROR + "/a/b/c/d:1.0": os.readlink(str(tag)),
+                 MIRROR + "/rancher/docker-list:v2":
+                     os.readlink(str(root / "rancher/docker-list/manifests/v2"))}
+        for ref in pulls:
+            containerd("images", "pull", "--hosts-dir", containerd.hosts_dir,
+                       "--snapshotter", "native", "--platform", "linux/arm64", ref)
+    assert ctr_image_digests(containerd) == pulls
+
+
+def tar_of(path, members):
+    """A tar file of {name: bytes or ('symlink', target)}."""
+    with tarfile.open(str(path), "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            if isinstance(data, tuple):
+                info.type, info.linkname = tarfile.SYMTYPE, data[1]
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def test_archive_import_errors_are_clear(archives, tmp_path):
+    root = tmp_path / "registry"
+    not_tar = tmp_path / "notes.tar"
+    not_tar.write_bytes(b"hello, not a tar")
+    empty = tar_of(tmp_path / "empty.tar", {"README": b"hi"})
+    cases = [
+        ([str(tmp_path / "missing.tar")], "archive %s does not exist" % (tmp_path / "missing.tar")),
+        ([str(not_tar)], "cannot read %s as a tar archive" % not_tar),
+        ([empty], "%s holds neither an OCI layout (index.json) nor a Docker archive" % empty),
+        ([archives["docker.zst"]], "the zstd program is not installed"),
+    ]
+    for files, message in cases:
+        env = {"PATH": os.path.dirname(sys.executable)} if files[0].endswith(".zst") else None
+        result = downloader(["--from-archive"] + files + ["-d", str(root)], env_extra=env)
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr
+        assert "Traceback" not in result.stderr
+    # Images without a name are reported, the rest imported; nothing escapes the tree.
+    with tarfile.open(archives["docker"]) as source:
+        members = {m.name: source.extractfile(m).read() if m.isfile() else ("symlink", m.linkname)
+                   for m in source.getmembers()}
+    entries = json.loads(members["manifest.json"])
+    entries.append(dict(entries[0], RepoTags=None))
+    members["manifest.json"] = json.dumps(entries).encode()
+    members["../escaped"] = b"outside"
+    members["/absolute"] = b"outside"
+    mixed = tar_of(tmp_path / "mixed.tar", members)
+    result = downloader(["--from-archive", mixed, "-d", str(root)])
+    assert result.returncode == 1
+    assert "FAILED %s, manifest.json entry 2: no RepoTags" % mixed in result.stderr
+    assert "1 ok, 1 failed" in result.stderr
+    assert not (tmp_path / "escaped").exists() and not os.path.exists("/absolute")
+    tree_is_sound(str(root))
+    assert (root / "a/b/c/d/manifests/1.0").exists()
