@@ -1737,3 +1737,195 @@ def test_archive_import_errors_are_clear(archives, tmp_path):
     assert not (tmp_path / "escaped").exists() and not os.path.exists("/absolute")
     tree_is_sound(str(root))
     assert (root / "a/b/c/d/manifests/1.0").exists()
+
+
+# --- The whole air-gap journey, end to end -------------------------------------------------
+
+K3S_LIKE = [  # (repo, tag, platforms, docker list?) — shaped like a k3s release's images
+    ("rancher/mirrored-pause", "3.6", ["amd64", "arm64"], False),
+    ("rancher/mirrored-coredns-coredns", "1.10.1", ["amd64", "arm64"], True),
+    ("rancher/local-path-provisioner", "v0.0.24", ["amd64", "arm64"], False),
+    ("rancher/mirrored-metrics-server", "v0.6.3", ["amd64"], False),
+    ("rancher/klipper-helm", "v0.8.0-build20230510", ["amd64"], True),
+    ("rancher/klipper-lb", "v0.4.4", ["amd64", "arm64"], True),
+    ("rancher/mirrored-library-traefik", "2.9.10", ["amd64"], False),
+    ("rancher/mirrored-library-busybox", "1.34.1", ["amd64", "arm64"], False),
+]
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def registry_on(port, root, tls, log_path):
+    """embedded_registry.py with TLS on a given port, logging to a file, as on a node."""
+    argv = [sys.executable, os.path.join(HERE, "embedded_registry.py"), "--root", str(root),
+            "--cert", tls["cert"], "--key", tls["key"], "--listen", "127.0.0.1:%d" % port]
+    with open(str(log_path), "a") as log_file:
+        process = subprocess.Popen(argv, stderr=log_file)
+    try:
+        deadline = time.monotonic() + 15
+        while "serving https://127.0.0.1:%d/v2/" % port not in log_path.read_text():
+            assert process.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, "the registry did not start"
+            time.sleep(0.05)
+        yield process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+        process.wait(30)
+
+
+def hosts_from_registries_yaml(text, hosts_dir):
+    """Write hosts.toml files from a registries.yaml as k3s does: one per mirror, with the
+    CA of each endpoint's configs: entry. server is the last endpoint (never the internet)."""
+    mirrors, cas, section, current = {}, {}, None, None
+    for line in text.splitlines():
+        if line in ("mirrors:", "configs:"):
+            section = line[:-1]
+        elif re.match(r'  "[^"]+":$', line):
+            current = line.strip()[1:-2]
+            mirrors.setdefault(current, []) if section == "mirrors" else None
+        elif section == "mirrors" and line.strip().startswith("- "):
+            mirrors[current].append(line.strip()[2:].strip('"'))
+        elif section == "configs" and line.strip().startswith("ca_file:"):
+            cas[current] = line.split(":", 1)[1].strip().strip('"')
+    for registry, endpoints in mirrors.items():
+        ca = cas[urllib.parse.urlsplit(endpoints[0]).netloc]
+        write_hosts_toml(hosts_dir, registry, endpoints, ca)
+    return mirrors
+
+
+@pytest.fixture(scope="session")
+def k3s_like_upstream(tmp_path_factory, tls):
+    """An upstream distribution holding ten k3s-like images, shared base layers included."""
+    skopeo = need("skopeo")
+    staging = tmp_path_factory.mktemp("k3s-like")
+    builder = TreeBuilder(staging)
+    for repo, tag, arches, docker in K3S_LIKE:
+        if len(arches) > 1:
+            builder.index(repo, tag, arches, docker=docker)
+        else:
+            builder.image(repo, arches[0], docker=docker, tag=tag)
+    builder.image("myorg/app", "amd64", tag="1.0")
+    _, pinned = builder.image("myorg/tool", "amd64", tag="2.3")
+    builder.image("myorg/late", "amd64", tag="0.1")  # added to the tree after the first trip
+    registry = Upstream(str(tmp_path_factory.mktemp("k3s-like-upstream")))
+    try:
+        with serving(staging, tls) as server:
+            for repo, tag, _, _ in K3S_LIKE + [("myorg/app", "1.0", 0, 0),
+                                                 ("myorg/tool", "2.3", 0, 0),
+                                                 ("myorg/late", "0.1", 0, 0)]:
+                registry.push("docker://%s/%s:%s" % (host_port(server), repo, tag),
+                              "%s:%s" % (repo, tag), skopeo, cert_dir_for(tls))
+        registry.pinned = pinned
+        yield registry
+    finally:
+        registry.stop()
+
+
+def test_air_gap_journey(k3s_like_upstream, tls, containerd, tmp_path, capsys):
+    skopeo = need("skopeo")
+    up = k3s_like_upstream.host
+    # 1. The internet host: the k3s image list from the (local) release server, plus extras.
+    releases = K3sReleases("v1.99.9+k3s1", "".join(
+        "%s/%s:%s\n" % (up, repo, tag) for repo, tag, _, _ in K3S_LIKE))
+    internet = tmp_path / "internet-host"
+    internet.mkdir()
+    extra = internet / "extra.txt"
+    extra.write_text("# our workloads\n%s/myorg/app:1.0\n%s/myorg/tool@%s\n"
+                     % (up, up, k3s_like_upstream.pinned))
+    port = free_port()
+    node = tmp_path / "node"
+    ca_on_node = node / "etc/embedded-registry/ca.crt"
+    download = downloader(["-f", str(extra), "-p", "linux/amd64", "--insecure",
+                           "--tool", "skopeo", "--channel-url", releases.base + "/channels",
+                           "--release-url", releases.base + "/download",
+                           "--registries-yaml", "registries.yaml",
+                           "--endpoint", "https://127.0.0.1:%d" % port,
+                           "--ca-file", str(ca_on_node)], cwd=str(internet))
+    assert download.returncode == 0, download.stderr
+    assert "10 images: 10 ok, 0 failed" in download.stdout
+    # 2. Carry: one tarball, extracted elsewhere.
+    run(["tar", "-zcf", "registry.tar.gz", "registry"], cwd=str(internet))
+    server_dir = node / "var/lib/rancher/k3s/server"
+    server_dir.mkdir(parents=True)
+    run(["tar", "-zxf", str(internet / "registry.tar.gz"), "-C", str(server_dir)])
+    root = server_dir / "registry"
+    ca_on_node.parent.mkdir(parents=True)
+    shutil.copy(tls["ca"], str(ca_on_node))
+    # 3. The node: the tree checks out, then the server starts with TLS.
+    checked = check(root, "--deep")
+    assert checked.returncode == 0, checked.stdout
+    # 4. containerd, configured from the generated registries.yaml as k3s configures it.
+    mirrors = hosts_from_registries_yaml((internet / "registries.yaml").read_text(),
+                                         containerd.hosts_dir)
+    assert set(mirrors) == {MIRROR, up}
+    write_hosts_toml(containerd.hosts_dir, "docker.io", ["https://127.0.0.1:%d" % port],
+                     str(ca_on_node))  # the hijack an operator adds for docker.io names
+    log_path = node / "registry.log"
+    expected = {}
+    with registry_on(port, root, tls, log_path):
+        for repo, tag, _, _ in K3S_LIKE:
+            expected["%s/%s:%s" % (MIRROR, repo, tag)] = k3s_like_upstream.raw(
+                "%s:%s" % (repo, tag), skopeo)
+        expected["docker.io/myorg/app:1.0"] = k3s_like_upstream.raw("myorg/app:1.0", skopeo)
+        expected["%s/myorg/tool@%s" % (MIRROR, k3s_like_upstream.pinned)] = None
+        expected = {ref: sha256(raw) if raw else k3s_like_upstream.pinned
+                    for ref, raw in expected.items()}
+        started = time.monotonic()
+        for ref in expected:
+            containerd("images", "pull", "--hosts-dir", containerd.hosts_dir,
+                       "--snapshotter", "native", "--platform", "linux/amd64", ref)
+        pull_seconds = time.monotonic() - started
+    assert ctr_image_digests(containerd) == expected
+    first_log = log_path.read_text()
+    statuses = re.findall(r" (?:GET|HEAD) /v2/\S* (\d{3}) \d+ ", first_log)
+    assert len(statuses) > 30 and set(statuses) == {"200"}, first_log
+    # 5. Restart: what was pulled needs nothing; an image added later pulls without restarts.
+    log_path.write_text("")
+    with registry_on(port, root, tls, log_path):
+        for ref in list(expected)[:3]:
+            containerd("images", "pull", "--hosts-dir", containerd.hosts_dir,
+                       "--snapshotter", "native", "--platform", "linux/amd64", ref)
+        assert "/blobs/" not in log_path.read_text()
+        later = internet / "later.txt"
+        later.write_text("%s/myorg/late:0.1\n" % up)
+        assert downloader(["-s", "-f", str(later), "--insecure", "--tool", "skopeo"],
+                          cwd=str(internet)).returncode == 0
+        run(["tar", "-zcf", "registry.tar.gz", "registry"], cwd=str(internet))
+        run(["tar", "-zxf", str(internet / "registry.tar.gz"), "-C", str(server_dir)])
+        containerd("images", "pull", "--hosts-dir", containerd.hosts_dir,
+                   "--snapshotter", "native", MIRROR + "/myorg/late:0.1")
+    assert ctr_image_digests(containerd)[MIRROR + "/myorg/late:0.1"] == sha256(
+        k3s_like_upstream.raw("myorg/late:0.1", skopeo))
+    with capsys.disabled():
+        print("\n[journey] %s\n[journey] %s\n[journey] %d images pulled by containerd in %.1fs"
+              % (download.stdout.strip().splitlines()[-1], checked.stdout.strip(),
+                 len(expected), pull_seconds))
+
+
+def test_failover_to_the_second_registry(fixture, tls, containerd, tmp_path):
+    """Two nodes' registries from one tree; the first dies mid-run, the second serves on."""
+    ports = [free_port(), free_port()]
+    endpoints = ["https://127.0.0.1:%d" % p for p in ports]
+    write_hosts_toml(containerd.hosts_dir, MIRROR, endpoints, tls["ca"])
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    refs = ["%s/%s" % (MIRROR, image) for image in fixture.images]
+    with registry_on(ports[1], fixture.root, tls, logs[1]):
+        with registry_on(ports[0], fixture.root, tls, logs[0]) as first:
+            containerd("images", "pull", "--hosts-dir", containerd.hosts_dir,
+                       "--snapshotter", "native", refs[0])
+            assert "/manifests/" in logs[0].read_text()
+            assert "/manifests/" not in logs[1].read_text()
+            first.kill()  # a node going down hard, not a clean stop
+        for ref in refs[1:]:
+            containerd("images", "pull", "--hosts-dir", containerd.hosts_dir,
+                       "--snapshotter", "native", ref)
+    pulled = ctr_image_digests(containerd)
+    for image, (digest, _, _) in fixture.images.items():
+        assert pulled["%s/%s" % (MIRROR, image)] == digest
+    assert "/manifests/" in logs[1].read_text()
