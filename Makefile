@@ -8,7 +8,7 @@ PYTHON  ?= $(VENV)/bin/python
 LISTEN  ?= 127.0.0.1:5000
 PROGRAMS = embedded_registry.py download_system_images.py
 
-.PHONY: run test lint clean
+.PHONY: run test lint bench clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -29,6 +29,9 @@ lint: | $(VENV)/bin/python
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check vermin ruff
 	$(VENV)/bin/vermin --no-tips --violations -t=3.8- $(PROGRAMS)
 	$(VENV)/bin/ruff check --isolated --select E,F,W --line-length 100 $(PROGRAMS) test_embedded_registry.py
+
+bench:
+	python3 bench/bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache __pycache__

@@ -420,7 +420,7 @@ class Tree:
             if not real:
                 continue
             try:
-                f = open(real, "rb")
+                f = open(real, "rb", buffering=0)
             except OSError:
                 continue
             st = os.fstat(f.fileno())
@@ -637,19 +637,22 @@ class BlobBody:
         if start:
             blob.file.seek(start)
 
-    def read(self, size=COPY_CHUNK):
-        data = self.blob.file.read(min(size, self.remaining))
-        if not data and self.remaining:
-            raise BlobError("blob %s ended %d bytes early (truncated while served)" % (
-                self.blob.path, self.remaining))
-        self.remaining -= len(data)
-        if self.hash:
-            self.hash.update(data)
-            if not self.remaining and not self.tree.record_verdict(
-                    self.blob, "%s:%s" % (self.hash.name, self.hash.hexdigest())):
-                raise BlobError("blob %s is corrupt; its final chunk was held back" %
-                                self.blob.path)
-        return data
+    def copy_to(self, out):
+        # One buffer reused for the whole blob: no allocation or page faults per chunk.
+        buffer = memoryview(bytearray(max(1, min(COPY_CHUNK, self.remaining))))
+        while self.remaining:
+            count = self.blob.file.readinto(buffer[:min(len(buffer), self.remaining)])
+            if not count:
+                raise BlobError("blob %s ended %d bytes early (truncated while served)" % (
+                    self.blob.path, self.remaining))
+            self.remaining -= count
+            if self.hash:
+                self.hash.update(buffer[:count])
+                if not self.remaining and not self.tree.record_verdict(
+                        self.blob, "%s:%s" % (self.hash.name, self.hash.hexdigest())):
+                    raise BlobError("blob %s is corrupt; its final chunk was held back" %
+                                    self.blob.path)
+            out.write(buffer[:count])
 
     def close(self):
         self.blob.file.close()
@@ -849,8 +852,10 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
 
     def copyfile(self, source, outputfile):
         try:
-            for chunk in iter(lambda: source.read(COPY_CHUNK), b""):
-                outputfile.write(chunk)
+            if isinstance(source, BlobBody):
+                source.copy_to(outputfile)
+            else:
+                outputfile.write(source.getvalue())
         except BlobError as error:
             log.error("%s %s", self.client_address[0], error)
             self.close_connection = True  # short of Content-Length: the client sees the cut
@@ -1112,6 +1117,57 @@ def serve_until_signalled(server, shutdown_timeout):
         server.server_close()
 
 
+def serve_workers(server, count, shutdown_timeout):
+    """Pre-fork: count processes accept on the one listening socket, each with its own
+    threads, so requests use every core instead of contending for one GIL. The parent
+    only supervises: it forwards signals, speaks to systemd and replaces a worker that dies."""
+    server.socket.setblocking(False)  # a worker that loses the race for a connection moves on
+    workers, stopping = set(), []
+
+    def spawn():
+        pid = os.fork()
+        if pid:
+            workers.add(pid)
+            return
+        os.environ.pop("NOTIFY_SOCKET", None)  # only the parent speaks to systemd
+        code = 1
+        try:
+            serve_until_signalled(server, shutdown_timeout)
+            code = 0
+        finally:
+            os._exit(code)
+
+    def forward(signum, _frame):
+        if signum == signal.SIGHUP:
+            notify_systemd("RELOADING=1\nMONOTONIC_USEC=%d" % (time.monotonic() * 1e6))
+        elif not stopping:
+            log.info("received %s, stopping %d workers", signal.Signals(signum).name, count)
+            notify_systemd("STOPPING=1")
+            stopping.append(signum)
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM if signum == signal.SIGINT else signum)
+        if signum == signal.SIGHUP:
+            notify_systemd("READY=1")
+
+    for _ in range(count):
+        spawn()
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    notify_systemd("READY=1")
+    failed = False
+    while workers:
+        pid, status = os.wait()
+        workers.discard(pid)
+        if status and not stopping:
+            log.error("worker %d died (wait status %d); starting another", pid, status)
+            time.sleep(1)  # a worker that dies at once must not become a fork loop
+            spawn()
+        failed = failed or bool(status and stopping)
+    server.server_close()
+    return 1 if failed else 0
+
+
 # --- Command line --------------------------------------------------------------------
 
 def seconds(text):
@@ -1145,8 +1201,12 @@ def make_parser():
     tls.add_argument("--client-ca", metavar="FILE",
                      help="require client certificates signed by this CA (mutual TLS)")
     limits = parser.add_argument_group("limits")
+    limits.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="processes sharing the port; 2 or more use more cores for many "
+                             "small requests (default: %(default)s)")
     limits.add_argument("--max-connections", type=int, default=1024, metavar="N",
-                        help="connections served at once; more wait (default: %(default)s)")
+                        help="connections served at once, per worker; more wait (default: "
+                             "%(default)s)")
     limits.add_argument("--handshake-timeout", type=seconds, default=10.0, metavar="SECONDS",
                         help="time allowed for a TLS handshake (default: %(default)s)")
     limits.add_argument("--header-timeout", type=seconds, default=10.0, metavar="SECONDS",
@@ -1181,6 +1241,8 @@ def main(argv=None):
         parser.error("--client-ca needs --cert and --key")
     if args.max_connections < 1:
         parser.error("--max-connections must be at least 1")
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
     level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
@@ -1200,7 +1262,10 @@ def main(argv=None):
     if server.tls is None and not is_loopback(server.server_address[0]):
         log.warning("serving plain HTTP beyond loopback on %s: give --cert and --key for TLS",
                     args.listen)
-    log.info("serving %s/v2/ from %s", server.url, server.tree.root)
+    log.info("serving %s/v2/ from %s%s", server.url, server.tree.root,
+             " with %d workers" % args.workers if args.workers > 1 else "")
+    if args.workers > 1:
+        return serve_workers(server, args.workers, args.shutdown_timeout)
     serve_until_signalled(server, args.shutdown_timeout)
     return 0
 

@@ -1384,6 +1384,41 @@ def test_idle_sockets_do_not_block_a_pull(fixture, tls, capsys, tmp_path):
     assert elapsed < 8
 
 
+def child_pids(pid):
+    result = subprocess.run(["pgrep", "-P", str(pid)], stdout=subprocess.PIPE,
+                            universal_newlines=True)
+    return sorted(int(p) for p in result.stdout.split())
+
+
+def test_workers_share_the_port_and_are_supervised(fixture, tls):
+    with server_process("--root", fixture.root, "--cert", tls["cert"], "--key", tls["key"],
+                        "--workers", "2") as (process, url):
+        port = int(url.rsplit(":", 1)[1])
+        workers = child_pids(process.pid)
+        assert len(workers) == 2
+        context = ssl.create_default_context(cafile=tls["ca"])
+
+        def get():
+            conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
+            return fetch(conn, "GET", "/v2/library/multi/manifests/v1")[0]
+
+        assert [get() for _ in range(20)] == [200] * 20
+        process.send_signal(signal.SIGHUP)  # reaches the workers; nobody stops
+        time.sleep(0.5)
+        assert get() == 200 and child_pids(process.pid) == workers
+        os.kill(workers[0], signal.SIGKILL)  # a worker dies: the parent starts another
+        deadline = time.monotonic() + 10
+        while len(child_pids(process.pid)) < 2 or workers[0] in child_pids(process.pid):
+            assert time.monotonic() < deadline, "the dead worker was not replaced"
+            time.sleep(0.1)
+        assert [get() for _ in range(10)] == [200] * 10
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 0
+        assert child_pids(process.pid) == []
+        log_text = process.stderr.read()
+    assert "starting another" in log_text and "Traceback" not in log_text
+
+
 # --- Integrity check -------------------------------------------------------------------
 
 def check(root, *flags):

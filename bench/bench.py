@@ -1,0 +1,597 @@
+#!/usr/bin/env python3
+"""bench: embedded_registry.py against CNCF distribution and nginx, in one run.
+
+Usage (from the repository root; see README.md, "Benchmark"):
+
+    make bench                     # or: python3 bench/bench.py [--keep DIR] [--seconds 10]
+
+Every server gets the same content, over TLS, on a free loopback port, and is started
+and stopped here. Needs: docker-registry (CNCF distribution), nginx, wrk, curl, openssl,
+containerd and ctr. Nothing is installed by this script.
+
+Printed: one row per measurement, with each server's figure and our ratio to
+distribution and to nginx (higher is better for rates, lower for times and memory),
+and whether our figure meets its target.
+"""
+
+import argparse
+import contextlib
+import gzip
+import hashlib
+import http.client
+import io
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SERVER = os.path.join(os.path.dirname(HERE), "embedded_registry.py")
+
+BIG_BLOB = 256 * 1024 * 1024
+IMAGES = 10
+BASE_LAYER = 30 * 1000 * 1000  # shared by every image, as k3s images share base layers
+OWN_LAYER = 22 * 1000 * 1000  # per image: ~250 MB in all
+MANY_MANIFESTS = 5000
+STREAMS = 8
+LEAK_REQUESTS = 10000
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+ACCEPT = ", ".join(["application/vnd.docker.distribution.manifest.v2+json",
+                    "application/vnd.docker.distribution.manifest.list.v2+json",
+                    OCI_MANIFEST, "application/vnd.oci.image.index.v1+json", "*/*"])
+MIRROR = "bootstrap-registry.airgap"
+TOOLS = ["docker-registry", "nginx", "wrk", "curl", "openssl", "containerd", "ctr"]
+
+
+def sha256(data):
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def run(argv, **kwargs):
+    return subprocess.run(argv, check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, **kwargs)
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --- Content: one tree for us and nginx, the same blobs in distribution's layout ------
+
+class Content:
+    """A registry tree (as download_system_images.py writes it) with the bench images."""
+
+    def __init__(self, root):
+        self.root = root
+        self.blobs = {}  # digest -> path
+        self.repos = {}  # repo -> [(tag, manifest digest, [blob digests])]
+        os.makedirs(os.path.join(root, "blobs"))
+
+    def blob(self, data, media_type):
+        digest = sha256(data)
+        path = os.path.join(self.root, "blobs", digest)
+        with open(path, "wb") as f:
+            f.write(data)
+        self.blobs[digest] = path
+        return {"mediaType": media_type, "digest": digest, "size": len(data)}
+
+    def image(self, repo, tag, layers, diff_ids):
+        config = json.dumps({"architecture": "amd64", "os": "linux",
+                             "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()
+        descriptors = [self.blob(config, "application/vnd.oci.image.config.v1+json")]
+        descriptors += layers
+        body = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                           "config": descriptors[0], "layers": descriptors[1:]}).encode()
+        digest = sha256(body)
+        manifests = os.path.join(self.root, repo, "manifests")
+        os.makedirs(manifests, exist_ok=True)
+        with open(os.path.join(manifests, digest), "wb") as f:
+            f.write(body)
+        os.symlink(digest, os.path.join(manifests, tag))
+        parts = repo.split("/")
+        for depth in range(len(parts), 0, -1):
+            link = os.path.join(self.root, *parts[:depth], "blobs")
+            if not os.path.lexists(link):
+                os.symlink("../blobs", link)
+        self.repos.setdefault(repo, []).append(
+            (tag, digest, body, [d["digest"] for d in descriptors]))
+        return digest
+
+
+def random_layer(size):
+    """A gzip (stored, level 0) tar holding one random file: (descriptor data, diff_id)."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        info = tarfile.TarInfo("data/%s" % os.urandom(4).hex())
+        info.size = size
+        tar.addfile(info, io.BytesIO(os.urandom(size)))
+    return gzip.compress(raw.getvalue(), compresslevel=0, mtime=0), sha256(raw.getvalue())
+
+
+def make_content(directory):
+    content = Content(os.path.join(directory, "registry"))
+    layer_type = "application/vnd.oci.image.layer.v1.tar+gzip"
+    base, base_diff = random_layer(BASE_LAYER)
+    base_descriptor = content.blob(base, layer_type)
+    for number in range(IMAGES):
+        own, own_diff = random_layer(OWN_LAYER)
+        content.image("rancher/bench-%d" % number, "1",
+                      [base_descriptor, content.blob(own, layer_type)], [base_diff, own_diff])
+    big = content.blob(os.urandom(BIG_BLOB), layer_type)
+    content.image("bench/big", "1", [big], [big["digest"]])
+    content.big = big["digest"]
+    return content
+
+
+def make_many_manifests(directory, count):
+    """A tree of count tiny manifests in count/10 repositories: start-up must not scan it."""
+    root = os.path.join(directory, "many")
+    for number in range(count):
+        body = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "n": number,
+                           "config": {}, "layers": []}).encode()
+        manifests = os.path.join(root, "repo%d" % (number // 10), "manifests")
+        os.makedirs(manifests, exist_ok=True)
+        with open(os.path.join(manifests, sha256(body)), "wb") as f:
+            f.write(body)
+    return root
+
+
+def distribution_storage(content, directory):
+    """The same blobs and manifests in distribution's filesystem layout (hard links)."""
+    base = os.path.join(directory, "distribution", "docker", "registry", "v2")
+
+    def write(path, text):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text)
+
+    def store(digest, source=None, data=None):
+        path = os.path.join(base, "blobs", "sha256", digest[7:9], digest[7:], "data")
+        if not os.path.exists(path):
+            os.makedirs(os.path.dirname(path))
+            if source:
+                os.link(source, path)
+            else:
+                write(path, data.decode())
+
+    for digest, path in content.blobs.items():
+        store(digest, source=path)
+    for repo, images in content.repos.items():
+        repo_dir = os.path.join(base, "repositories", repo)
+        for tag, digest, body, blobs in images:
+            store(digest, data=body)
+            hexdigest = digest[7:]
+            write(os.path.join(repo_dir, "_manifests/revisions/sha256", hexdigest, "link"), digest)
+            write(os.path.join(repo_dir, "_manifests/tags", tag, "current/link"), digest)
+            write(os.path.join(repo_dir, "_manifests/tags", tag, "index/sha256", hexdigest,
+                               "link"), digest)
+            for blob in blobs:
+                write(os.path.join(repo_dir, "_layers/sha256", blob[7:], "link"), blob)
+    return os.path.join(directory, "distribution")
+
+
+def make_certificates(directory):
+    paths = {k: os.path.join(directory, k) for k in ("ca.key", "ca.crt", "server.key",
+                                                    "server.csr", "server.crt", "san.ext")}
+    run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+         "/CN=bench CA", "-keyout", paths["ca.key"], "-out", paths["ca.crt"]])
+    run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=bench",
+         "-keyout", paths["server.key"], "-out", paths["server.csr"]])
+    with open(paths["san.ext"], "w") as f:
+        f.write("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    run(["openssl", "x509", "-req", "-in", paths["server.csr"], "-CA", paths["ca.crt"],
+         "-CAkey", paths["ca.key"], "-CAcreateserial", "-days", "2", "-extfile",
+         paths["san.ext"], "-out", paths["server.crt"]])
+    return paths
+
+
+# --- The servers under test --------------------------------------------------------------
+
+class Server:
+    """One server process on a free loopback port; figures are collected into .results."""
+
+    registry = True  # nginx serves files, but is no registry: containerd cannot pull from it
+
+    def __init__(self, name, directory, certs):
+        self.name = name
+        self.directory = directory
+        self.certs = certs
+        self.port = free_port()
+        self.url = "https://127.0.0.1:%d" % self.port
+        self.process = None
+        self.results = {}
+
+    def argv(self):
+        raise NotImplementedError
+
+    def pids(self):
+        """The server's process and its children (nginx and --workers fork workers)."""
+        children = subprocess.run(["pgrep", "-P", str(self.process.pid)],
+                                  stdout=subprocess.PIPE, universal_newlines=True).stdout
+        return [self.process.pid] + [int(pid) for pid in children.split()]
+
+    def start(self):
+        started = time.monotonic()
+        log = open(os.path.join(self.directory, self.name + ".log"), "a")
+        self.process = subprocess.Popen(self.argv(), stdout=log, stderr=log)
+        log.close()
+        wait_for_base(self.url, self.certs["ca.crt"], self.process)
+        return time.monotonic() - started
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(30)
+
+    def memory(self, field):
+        """VmHWM (peak) or VmRSS in MiB of each of the server's processes."""
+        sizes = []
+        for pid in self.pids():
+            with open("/proc/%d/status" % pid) as f:
+                sizes.append(int(re.search(r"^%s:\s+(\d+) kB" % field, f.read(),
+                                           re.M).group(1)) / 1024.0)
+        return sizes
+
+
+class Ours(Server):
+    def __init__(self, directory, certs, root, workers=1):
+        super().__init__("embedded-registry", directory, certs)
+        self.root = root
+        self.workers = workers
+
+    def argv(self):
+        return [sys.executable, SERVER, "--root", self.root, "--cert", self.certs["server.crt"],
+                "--key", self.certs["server.key"], "--listen", "127.0.0.1:%d" % self.port,
+                "--workers", str(self.workers)]
+
+
+class Distribution(Server):
+    def __init__(self, directory, certs, storage):
+        super().__init__("distribution", directory, certs)
+        self.config = os.path.join(directory, "distribution.yml")
+        with open(self.config, "w") as f:
+            f.write("version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\n"
+                    "storage:\n  filesystem:\n    rootdirectory: %s\n  cache:\n"
+                    "    blobdescriptor: inmemory\n  maintenance:\n    uploadpurging:\n"
+                    "      enabled: false\n  redirect:\n    disable: true\n"
+                    "http:\n  addr: 127.0.0.1:%d\n  tls:\n    certificate: %s\n    key: %s\n"
+                    % (storage, self.port, certs["server.crt"], certs["server.key"]))
+
+    def argv(self):
+        return [shutil.which("docker-registry"), "serve", self.config]
+
+
+class Nginx(Server):
+    registry = False
+
+    def __init__(self, directory, certs, root):
+        super().__init__("nginx", directory, certs)
+        self.config = os.path.join(directory, "nginx.conf")
+        temp = os.path.join(directory, "nginx-temp")
+        os.makedirs(temp, exist_ok=True)
+        with open(self.config, "w") as f:
+            f.write("""daemon off; user root; worker_processes auto;
+pid %(d)s/nginx.pid; error_log %(d)s/nginx-error.log;
+events { worker_connections 4096; }
+http {
+  access_log %(d)s/nginx-access.log; sendfile on; tcp_nopush on; tcp_nodelay on;
+  keepalive_requests 1000000; default_type application/octet-stream;
+  client_body_temp_path %(t)s; proxy_temp_path %(t)s; fastcgi_temp_path %(t)s;
+  uwsgi_temp_path %(t)s; scgi_temp_path %(t)s;
+  server {
+    listen 127.0.0.1:%(port)d ssl;
+    ssl_certificate %(crt)s; ssl_certificate_key %(key)s;
+    location = /v2/ { return 200 '{}'; }
+    location /v2/ { alias %(root)s/; }
+  }
+}
+""" % {"d": directory, "t": temp, "port": self.port, "crt": certs["server.crt"],
+       "key": certs["server.key"], "root": root})
+
+    def argv(self):
+        return [shutil.which("nginx"), "-c", self.config, "-e", os.path.join(
+            self.directory, "nginx-error.log")]
+
+
+def wait_for_base(url, ca, process, timeout=30):
+    """Poll GET /v2/ until it answers 200."""
+    context = ssl.create_default_context(cafile=ca)
+    host, port = url.rsplit("/", 1)[-1].rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn = http.client.HTTPSConnection(host, int(port), context=context, timeout=5)
+            conn.request("GET", "/v2/")
+            if conn.getresponse().status == 200:
+                conn.close()
+                return
+        except OSError:
+            pass
+        if process.poll() is not None:
+            raise SystemExit("bench: %s exited at start-up" % process.args[0])
+        if time.monotonic() > deadline:
+            raise SystemExit("bench: %s did not answer /v2/" % process.args[0])
+        time.sleep(0.002)
+
+
+# --- Measurements ----------------------------------------------------------------------------
+
+def curl_speeds(url, ca, streams):
+    """Bytes per second of each of several simultaneous curl downloads, and the wall time."""
+    argv = ["curl", "-s", "-f", "-o", "/dev/null", "--cacert", ca, "-w", "%{speed_download}",
+            url]
+    started = time.monotonic()
+    processes = [subprocess.Popen(argv, stdout=subprocess.PIPE, universal_newlines=True)
+                 for _ in range(streams)]
+    outputs = [p.communicate()[0] for p in processes]
+    wall = time.monotonic() - started
+    if any(p.returncode for p in processes):
+        raise SystemExit("bench: curl %s failed" % url)
+    return [float(out) for out in outputs], wall
+
+
+def wrk_rate(url, ca, seconds, close=False):
+    headers = ["-H", "Accept: " + ACCEPT] + (["-H", "Connection: close"] if close else [])
+    result = run(["wrk", "-t2", "-c16", "-d%ds" % seconds, "--latency"] + headers + [url])
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", result.stdout).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", result.stdout)
+    if errors:
+        raise SystemExit("bench: wrk %s got %s error answers" % (url, errors.group(1)))
+    return rate
+
+
+def keep_alive_requests(server, path, count, per_connection=100):
+    context = ssl.create_default_context(cafile=server.certs["ca.crt"])
+    for _ in range(count // per_connection):
+        conn = http.client.HTTPSConnection("127.0.0.1", server.port, context=context)
+        for _ in range(per_connection):
+            conn.request("GET", path, headers={"Accept": ACCEPT})
+            response = conn.getresponse()
+            response.read()
+            assert response.status == 200, (server.name, path, response.status)
+        conn.close()
+
+
+class Containerd:
+    """A private containerd with a fresh content store, configured like k3s through hosts.toml."""
+
+    def __init__(self, directory):
+        self.base = tempfile.mkdtemp(prefix="containerd-", dir=directory)
+        self.socket = os.path.join(self.base, "containerd.sock")
+        self.hosts = os.path.join(self.base, "hosts")
+        config = os.path.join(self.base, "config.toml")
+        with open(config, "w") as f:
+            f.write('version = 2\nroot = "%s/root"\nstate = "%s/state"\n'
+                    'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
+                    '[grpc]\n  address = "%s"\n' % (self.base, self.base, self.socket))
+        self.log = open(os.path.join(self.base, "containerd.log"), "w")
+        self.process = subprocess.Popen([shutil.which("containerd"), "--config", config],
+                                        stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while subprocess.run(["ctr", "--address", self.socket, "version"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode:
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise SystemExit("bench: containerd did not start; see %s" % self.log.name)
+            time.sleep(0.1)
+
+    def ctr(self, *args):
+        return run(["ctr", "--address", self.socket, "--namespace", "bench"] + list(args))
+
+    def mirror_to(self, url, ca):
+        directory = os.path.join(self.hosts, MIRROR)
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "hosts.toml"), "w") as f:
+            f.write('server = "%s"\n\n[host."%s"]\n  capabilities = ["pull", "resolve"]\n'
+                    '  ca = "%s"\n' % (url, url, ca))
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(30)
+        self.log.close()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def image_refs():
+    return ["%s/rancher/bench-%d:1" % (MIRROR, n) for n in range(IMAGES)]
+
+
+def cold_pull(server, directory):
+    containerd = Containerd(directory)
+    try:
+        containerd.mirror_to(server.url, server.certs["ca.crt"])
+        started = time.monotonic()
+        for ref in image_refs():
+            containerd.ctr("images", "pull", "--hosts-dir", containerd.hosts,
+                           "--snapshotter", "native", ref)
+        return time.monotonic() - started
+    finally:
+        containerd.stop()
+
+
+def import_tarball(server, directory):
+    """The status quo: `ctr images import` of the same images as one tarball (k3s's airgap
+    tarball), into a fresh containerd. The tarball is made by containerd itself."""
+    tarball = os.path.join(directory, "images.tar")
+    source = Containerd(directory)
+    try:
+        source.mirror_to(server.url, server.certs["ca.crt"])
+        for ref in image_refs():
+            source.ctr("images", "pull", "--hosts-dir", source.hosts, "--snapshotter", "native",
+                       ref)
+        source.ctr("images", "export", tarball, *image_refs())
+    finally:
+        source.stop()
+    target = Containerd(directory)
+    try:
+        started = time.monotonic()
+        target.ctr("images", "import", "--snapshotter", "native", tarball)
+        return time.monotonic() - started
+    finally:
+        target.stop()
+        os.unlink(tarball)
+
+
+def start_up_times(directory, certs, root, runs=5):
+    """Seconds from process start to the first 200 from /v2/, median of runs."""
+    times = []
+    for _ in range(runs):
+        server = Ours(directory, certs, root)
+        times.append(server.start())
+        server.stop()
+    return statistics.median(times)
+
+
+def measure(server, content, directory, seconds):
+    ca = server.certs["ca.crt"]
+    big_url = "%s/v2/bench/big/blobs/%s" % (server.url, content.big)
+    manifest_url = "%s/v2/rancher/bench-0/manifests/1" % server.url
+    r = server.results
+    r["start"] = server.start()
+    single = [curl_speeds(big_url, ca, 1)[0][0] for _ in range(3)]
+    r["single"] = max(single) / 1e6
+    speeds, wall = curl_speeds(big_url, ca, STREAMS)
+    r["multi"] = STREAMS * BIG_BLOB / wall / 1e6
+    r["manifest_rps"] = wrk_rate(manifest_url, ca, seconds)
+    r["handshake_rps"] = wrk_rate(manifest_url, ca, seconds, close=True)
+    if server.registry:
+        r["pull"] = min(cold_pull(server, directory) for _ in range(2))
+    r["peak_rss"] = max(server.memory("VmHWM"))
+    before = sum(server.memory("VmRSS"))
+    keep_alive_requests(server, "/v2/rancher/bench-0/manifests/1", LEAK_REQUESTS)
+    r["rss_growth"] = sum(server.memory("VmRSS")) - before
+    if isinstance(server, Ours):
+        r["import"] = import_tarball(server, directory)
+    server.stop()
+
+
+# --- The table -------------------------------------------------------------------------------
+
+# (key, label, unit, higher is better, target for ours as (against, ratio or absolute))
+ROWS = [
+    ("single", "1. 256 MiB blob, 1 stream", "MB/s", True, ("nginx", 1.0)),
+    ("multi", "2. 256 MiB blob, %d streams" % STREAMS, "MB/s", True, ("nginx", 1.0)),
+    ("manifest_rps", "3. manifest GET, keep-alive (wrk)", "req/s", True, ("distribution", 3.0)),
+    ("handshake_rps", "4. manifest GET, new TLS conn each", "req/s", True,
+     ("distribution", 1.0)),
+    ("pull", "5. cold ctr pull, %d images, best of 2" % IMAGES, "s", False,
+     ("distribution", 1.0)),
+    ("peak_rss", "6. peak RSS during 1-5, per process", "MiB", False, ("absolute", 64)),
+    ("rss_growth", "6. RSS growth, %d requests" % LEAK_REQUESTS, "MiB", False,
+     ("absolute", 2)),
+]
+
+
+def ratio(ours, other, higher_better):
+    if ours is None or not other or ours <= 0 or other <= 0:
+        return "-"  # growth near zero (or negative) has no meaningful ratio
+    return "%.2fx" % (ours / other if higher_better else other / ours if ours else 0)
+
+
+def meets(values, target, higher_better):
+    """Whether our figure meets its target: a ratio to another server, or an absolute bound."""
+    against, limit = target
+    ours = values["ours"]
+    if ours is None:
+        return "-"
+    if against == "absolute":
+        return "yes" if ours < limit else "NO"
+    other = values[against]
+    if not other:
+        return "-"
+    return "yes" if (ours / other >= limit if higher_better else ours <= other * limit) else "NO"
+
+
+def table(results, extra):
+    row = "%-38s %-6s %12s %12s %12s %9s %9s %7s"
+    header = row % ("measurement", "unit", "ours", "distribution", "nginx", "vs dist",
+                    "vs nginx", "target")
+    lines = [header, "-" * len(header)]
+    for key, label, unit, higher, target in ROWS:
+        values = {name: r.get(key) for name, r in results.items()}
+        lines.append(row % (
+            label, unit, fmt(values["ours"]), fmt(values["distribution"]), fmt(values["nginx"]),
+            ratio(values["ours"], values["distribution"], higher),
+            ratio(values["ours"], values["nginx"], higher), meets(values, target, higher)))
+    return "\n".join(lines + extra)
+
+
+def fmt(value):
+    if value is None:
+        return "n/a"
+    return "%.0f" % value if value >= 100 else "%.2f" % value
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=10, help="duration of each wrk run")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="embedded_registry.py --workers for the main column (default 2)")
+    parser.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (else a temp dir)")
+    args = parser.parse_args(argv)
+    missing = [tool for tool in TOOLS if not (shutil.which(tool) or shutil.which(
+        tool, path="/usr/sbin:/sbin"))]
+    if missing:
+        raise SystemExit("bench: missing %s; on Debian: apt-get install docker-registry "
+                         "nginx-light wrk curl openssl containerd" % ", ".join(missing))
+    os.environ["PATH"] += os.pathsep + "/usr/sbin:/sbin"
+    directory = args.keep or tempfile.mkdtemp(prefix="embedded-registry-bench-")
+    os.makedirs(directory, exist_ok=True)
+    try:
+        print("bench: making content in %s ..." % directory, file=sys.stderr)
+        certs = make_certificates(directory)
+        content = make_content(directory)
+        storage = distribution_storage(content, directory)
+        servers = {"ours": Ours(directory, certs, content.root, args.workers),
+                   "distribution": Distribution(directory, certs, storage),
+                   "nginx": Nginx(directory, certs, content.root)}
+        for name, server in servers.items():
+            print("bench: measuring %s ..." % server.name, file=sys.stderr)
+            measure(server, content, directory, args.seconds)
+        results = {name: server.results for name, server in servers.items()}
+        ours = results["ours"]
+        single = Ours(directory, certs, content.root, workers=1)
+        single.start()
+        manifest_url = "%s/v2/rancher/bench-0/manifests/1" % single.url
+        one_worker = (wrk_rate(manifest_url, certs["ca.crt"], args.seconds),
+                      wrk_rate(manifest_url, certs["ca.crt"], args.seconds, close=True))
+        single.stop()
+        many = make_many_manifests(directory, MANY_MANIFESTS)
+        empty = os.path.join(directory, "empty")
+        os.makedirs(empty)
+        start_many = start_up_times(directory, certs, many)
+        start_empty = start_up_times(directory, certs, empty)
+        extra = [
+            "   ours is --workers %d; with --workers 1: 3. %.0f req/s, 4. %.0f req/s" % (
+                args.workers, one_worker[0], one_worker[1]),
+            "7. start-up to first /v2/ answer: %.0f ms with %d manifests, %.0f ms with an "
+            "empty tree (target < 300 ms, independent of size: %s)" % (
+                start_many * 1000, MANY_MANIFESTS, start_empty * 1000,
+                "yes" if start_many < 0.3 and start_many < start_empty * 1.5 + 0.02 else "NO"),
+            "   (distribution's start-up with the bench content: %.0f ms)" % (
+                results["distribution"]["start"] * 1000),
+            "8. status quo, `ctr images import` of the same %d images as one tarball: %.2f s; "
+            "cold pull from us: %.2f s (%.2fx)" % (IMAGES, ours["import"], ours["pull"],
+                                                  ours["import"] / ours["pull"]),
+        ]
+        print("\nembedded-registry bench, %s, nproc %d, Python %s, %s" % (
+            time.strftime("%Y-%m-%d"), os.cpu_count(), platform.python_version(),
+            platform.machine()))
+        print(table(results, extra))
+    finally:
+        if not args.keep:
+            shutil.rmtree(directory, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
