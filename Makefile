@@ -27,8 +27,8 @@ test: $(if $(filter $(VENV)/bin/python,$(PYTHON)),$(VENV)/bin/pytest)
 
 lint: | $(VENV)/bin/python
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check vermin ruff
-	$(VENV)/bin/vermin --no-tips --violations -t=3.8- $(PROGRAMS)
-	$(VENV)/bin/ruff check --isolated --select E,F,W --line-length 100 $(PROGRAMS) test_embedded_registry.py
+	$(VENV)/bin/vermin --no-tips --violations -t=3.8- $(PROGRAMS) bench/bench.py
+	$(VENV)/bin/ruff check --isolated --select E,F,W --line-length 100 $(PROGRAMS) bench/bench.py test_embedded_registry.py
 
 bench:
 	python3 bench/bench.py

@@ -15,7 +15,6 @@ and whether our figure meets its target.
 """
 
 import argparse
-import contextlib
 import gzip
 import hashlib
 import http.client
