@@ -22,7 +22,11 @@ into place only after its digest is verified: an interrupted run leaves no parti
 file, and running it again completes the tree.
 
 The downloads are done by crane (go-containerregistry) or skopeo, whichever is on
-PATH (--tool picks one). Image list format: one reference per line; blank lines and
+PATH (--tool picks one). Without either, and without internet, --from-archive builds
+the same tree from docker-archive or oci-archive files such as the k3s airgap tarballs:
+
+    python3 download_system_images.py --from-archive k3s-airgap-images-arm64.tar.zst
+ Image list format: one reference per line; blank lines and
 '#' comments are ignored.
 """
 

@@ -32,7 +32,9 @@ method is refused with 405: the server never changes the tree.
 Security: every path component is checked against the distribution grammars before
 the disk is touched, and the resolved real path of anything served must lie inside
 the real root. A digest-named manifest whose bytes do not hash to its name is not
-served (404, logged): a corrupt tree must not poison a node. No directory is listed.
+served (404, logged): a corrupt tree must not poison a node. A blob is hashed on its
+first whole GET and its final chunk held back unless the digest matches; a corrupt one
+is cut short, logged and answered 404 from then on. No directory is listed.
 """
 
 import argparse
@@ -1134,8 +1136,10 @@ def serve_workers(server, count, shutdown_timeout):
         try:
             serve_until_signalled(server, shutdown_timeout)
             code = 0
+        except Exception:
+            log.exception("worker %d failed", os.getpid())
         finally:
-            os._exit(code)
+            os._exit(code)  # never return into the parent's code
 
     def forward(signum, _frame):
         if signum == signal.SIGHUP:
