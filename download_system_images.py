@@ -266,6 +266,8 @@ def run_tool(argv, stdout=subprocess.PIPE, env=None):
 class Source:
     """Where images come from: manifest(reference) -> bytes, fetch_blobs() -> {digest: path}."""
 
+    problems = ()  # (what, message) for images found but unusable, reported as failures
+
     def has_manifest(self, digest):
         """Whether a child manifest can be fetched at all (a registry has every one)."""
         return True
@@ -979,10 +981,11 @@ def main(argv=None):
         if writer:
             writer.close()
     results += [Result(what, False, message, 0, 0, 0)
-                for what, message in getattr(tool, "problems", [])]
+                for what, message in tool.problems]
     summary = summarise(results, time.monotonic() - started)
     print(summary, file=sys.stderr if not all(r.ok for r in results) else sys.stdout)
     return 0 if all(r.ok for r in results) else 1
+
 
 if __name__ == "__main__":
     sys.exit(main())

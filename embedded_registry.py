@@ -259,6 +259,11 @@ def range_not_satisfiable(size):
     return error
 
 
+def blob_unknown(name, digest):
+    return RegistryError(HTTPStatus.NOT_FOUND, "BLOB_UNKNOWN", "blob unknown to registry",
+                         {"name": name, "digest": digest})
+
+
 def paginate(names, query):
     """Apply the spec's n/last pagination to sorted names; return (page, more)."""
     last = query.get("last", [""])[-1]
@@ -282,7 +287,7 @@ def escape_for_log(text, limit=400):
 # --- Storage: the tree, looked up safely, with a manifest cache ---------------------
 
 Manifest = collections.namedtuple("Manifest", "body media_type digest")
-# An open blob file and what is known of it: verified is True, or None while unhashed.
+# An open blob file and what is known of it: verified once it has hashed to its name.
 Blob = collections.namedtuple("Blob", "file size path identity digest verified")
 
 
@@ -429,13 +434,11 @@ class Tree:
             identity = stat_identity(st)
             verdict = self._blob_verdicts.get(real, identity)
             if stat.S_ISREG(st.st_mode) and verdict is not False:
-                return Blob(f, st.st_size, real, identity, digest,
-                            True if verdict is True else None)
+                return Blob(f, st.st_size, real, identity, digest, verdict is True)
             if verdict is False:
                 log.warning("blob %s does not hash to its name; not served", real)
             f.close()
-        raise RegistryError(HTTPStatus.NOT_FOUND, "BLOB_UNKNOWN", "blob unknown to registry",
-                            {"name": name, "digest": digest})
+        raise blob_unknown(name, digest)
 
     def record_verdict(self, blob, actual_digest):
         """Remember whether blob hashed to its name; a corrupt one is not served again."""
@@ -774,9 +777,10 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
             span = parse_range(self.headers.get("Range"), blob.size)
             # The first whole GET hashes the blob; a small one before its headers are sent.
             verify = self.command == "GET" and span is None and not blob.verified
-            if verify and blob.size <= COPY_CHUNK and not tree.verify_blob(blob):
-                raise RegistryError(HTTPStatus.NOT_FOUND, "BLOB_UNKNOWN",
-                                    "blob unknown to registry", {"digest": route.reference})
+            if verify and blob.size <= COPY_CHUNK:
+                if not tree.verify_blob(blob):
+                    raise blob_unknown(route.name, route.reference)
+                verify = False
         except RegistryError:
             blob.file.close()
             raise
@@ -789,7 +793,7 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
             status, start, length = HTTPStatus.PARTIAL_CONTENT, span[0], span[1] - span[0] + 1
             headers.append(("Content-Range", "bytes %d-%d/%d" % (span[0], span[1], size)))
         self.send_headers(status, "application/octet-stream", length, headers)
-        return BlobBody(blob, start, length, tree if verify and blob.size > COPY_CHUNK else None)
+        return BlobBody(blob, start, length, tree if verify else None)
 
     def serve_tags(self, route):
         tags, more = paginate(self.server.tree.tags(route.name, route.ns), route.query)

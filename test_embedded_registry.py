@@ -235,7 +235,8 @@ def raw_exchange(server, data, timeout=10):
     """Send raw bytes to a plain-HTTP server; return all it answers before closing."""
     with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout) as sock:
         sock.sendall(data)
-        sock.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(OSError):  # the server may have reset it already
+            sock.shutdown(socket.SHUT_WR)
         chunks = []
         while True:
             try:
@@ -1823,7 +1824,8 @@ def hosts_from_registries_yaml(text, hosts_dir):
             section = line[:-1]
         elif re.match(r'  "[^"]+":$', line):
             current = line.strip()[1:-2]
-            mirrors.setdefault(current, []) if section == "mirrors" else None
+            if section == "mirrors":
+                mirrors[current] = []
         elif section == "mirrors" and line.strip().startswith("- "):
             mirrors[current].append(line.strip()[2:].strip('"'))
         elif section == "configs" and line.strip().startswith("ca_file:"):
