@@ -1524,6 +1524,47 @@ def test_corrupt_blob_is_cut_short_then_refused(tmp_path, caplog, damage):
     assert "Traceback" not in caplog.text
 
 
+def test_shared_verdicts_are_right_or_unknown():
+    verdicts = er.SharedVerdicts(slots=1)  # every file lands in the one slot
+    a, b = ("/tree/blobs/a", (1, 2, 30, 40)), ("/tree/blobs/b", (1, 3, 30, 40))
+    assert verdicts.get(*a) is None
+    verdicts.put(*a, True)
+    assert verdicts.get(*a) is True and verdicts.get(a[0], (1, 2, 30, 41)) is None
+    verdicts.put(*b, False)  # takes the slot over
+    assert verdicts.get(*b) is False and verdicts.get(*a) is None
+    verdicts._table[:8] = bytes(8)  # as if read half-written by another process
+    assert verdicts.get(*b) is None
+
+
+def test_workers_share_what_hashing_found(tmp_path, tls):
+    builder = TreeBuilder(tmp_path)
+    descriptor = builder.blob(os.urandom(5 * 1024 * 1024), "application/octet-stream")
+    builder.link_blobs("app")
+    flip_a_bit(tmp_path / "blobs" / descriptor["digest"])
+    url = "/v2/app/blobs/" + descriptor["digest"]
+    with server_process("--root", str(tmp_path), "--cert", tls["cert"], "--key", tls["key"],
+                        "--workers", "2") as (process, base):
+        port = int(base.rsplit(":", 1)[1])
+        context = ssl.create_default_context(cafile=tls["ca"])
+
+        def connection():
+            return http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
+
+        first, second = child_pids(process.pid)
+        os.kill(second, signal.SIGSTOP)  # every connection now goes to the first worker
+        try:
+            status, length, body = read_cut(connection(), url)
+            assert status == 200 and len(body) < length  # the first worker found it corrupt
+        finally:
+            os.kill(second, signal.SIGCONT)
+        os.kill(first, signal.SIGSTOP)  # and now to the second, which never hashed it
+        try:
+            assert [fetch(connection(), method, url)[0] for method in ("HEAD", "GET")] == \
+                [404, 404]
+        finally:
+            os.kill(first, signal.SIGCONT)
+
+
 def test_sound_blob_is_verified_once_and_repaired_blob_served(tmp_path, caplog):
     builder = TreeBuilder(tmp_path)
     data = os.urandom(3 * 1024 * 1024)

@@ -43,6 +43,7 @@ OWN_LAYER = 22 * 1000 * 1000  # per image: ~250 MB in all
 MANY_MANIFESTS = 5000
 STREAMS = 8
 LEAK_REQUESTS = 10000
+PULLS = 3
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 ACCEPT = ", ".join(["application/vnd.docker.distribution.manifest.v2+json",
                     "application/vnd.docker.distribution.manifest.list.v2+json",
@@ -450,39 +451,61 @@ def start_up_times(directory, certs, root, runs=5):
     return statistics.median(times)
 
 
-def measure(server, content, directory, seconds):
-    ca = server.certs["ca.crt"]
-    big_url = "%s/v2/bench/big/blobs/%s" % (server.url, content.big)
-    manifest_url = "%s/v2/rancher/bench-0/manifests/1" % server.url
-    r = server.results
-    r["start"] = server.start()
-    single = [curl_speeds(big_url, ca, 1)[0][0] for _ in range(3)]
-    r["single"] = max(single) / 1e6
-    speeds, wall = curl_speeds(big_url, ca, STREAMS)
-    r["multi"] = STREAMS * BIG_BLOB / wall / 1e6
-    r["manifest_rps"] = wrk_rate(manifest_url, ca, seconds)
-    r["handshake_rps"] = wrk_rate(manifest_url, ca, seconds, close=True)
-    if server.registry:
-        r["pull"] = min(cold_pull(server, directory) for _ in range(2))
-    r["peak_rss"] = max(server.memory("VmHWM"))
-    before = sum(server.memory("VmRSS"))
-    keep_alive_requests(server, "/v2/rancher/bench-0/manifests/1", LEAK_REQUESTS)
-    r["rss_growth"] = sum(server.memory("VmRSS")) - before
-    if isinstance(server, Ours):
-        r["import"] = import_tarball(server, directory)
-    server.stop()
+def best_of(rounds, servers, key, measurement, better=max):
+    """Each server's best figure of several rounds, taken in turns so that the machine's
+    drift (other load, caches, clock) falls on every server alike."""
+    figures = {server.name: [] for server in servers}
+    for _ in range(rounds):
+        for server in servers:
+            figures[server.name].append(measurement(server))
+    for server in servers:
+        server.results[key] = better(figures[server.name])
+
+
+def measure(servers, content, directory, seconds):
+    for server in servers:
+        server.results["start"] = server.start()
+    big = "/v2/bench/big/blobs/" + content.big
+    manifest = "/v2/rancher/bench-0/manifests/1"
+
+    def one_stream(server):
+        return curl_speeds(server.url + big, server.certs["ca.crt"], 1)[0][0] / 1e6
+
+    def all_streams(server):
+        wall = curl_speeds(server.url + big, server.certs["ca.crt"], STREAMS)[1]
+        return STREAMS * BIG_BLOB / wall / 1e6
+
+    best_of(3, servers, "single", one_stream)
+    best_of(3, servers, "multi", all_streams)
+    for server in servers:
+        server.results["manifest_rps"] = wrk_rate(server.url + manifest, server.certs["ca.crt"],
+                                                  seconds)
+        server.results["handshake_rps"] = wrk_rate(server.url + manifest,
+                                                   server.certs["ca.crt"], seconds, close=True)
+    registries = [server for server in servers if server.registry]
+    best_of(PULLS, registries, "pull", lambda server: cold_pull(server, directory), min)
+    for server in servers:
+        r = server.results
+        r["peak_rss"] = max(server.memory("VmHWM"))
+        before = sum(server.memory("VmRSS"))
+        keep_alive_requests(server, manifest, LEAK_REQUESTS)
+        r["rss_growth"] = sum(server.memory("VmRSS")) - before
+        if isinstance(server, Ours):
+            r["import"] = import_tarball(server, directory)
+        server.stop()
 
 
 # --- The table -------------------------------------------------------------------------------
 
 # (key, label, unit, higher is better, target for ours as (against, ratio or absolute))
 ROWS = [
-    ("single", "1. 256 MiB blob, 1 stream", "MB/s", True, ("nginx", 1.0)),
-    ("multi", "2. 256 MiB blob, %d streams" % STREAMS, "MB/s", True, ("nginx", 1.0)),
+    ("single", "1. 256 MiB blob, 1 stream, best of 3", "MB/s", True, ("nginx", 1.0)),
+    ("multi", "2. 256 MiB blob, %d streams, best of 3" % STREAMS, "MB/s", True,
+     ("nginx", 1.0)),
     ("manifest_rps", "3. manifest GET, keep-alive (wrk)", "req/s", True, ("distribution", 3.0)),
     ("handshake_rps", "4. manifest GET, new TLS conn each", "req/s", True,
      ("distribution", 1.0)),
-    ("pull", "5. cold ctr pull, %d images, best of 2" % IMAGES, "s", False,
+    ("pull", "5. cold ctr pull, %d images, best of %d" % (IMAGES, PULLS), "s", False,
      ("distribution", 1.0)),
     ("peak_rss", "6. peak RSS during 1-5, per process", "MiB", False, ("absolute", 64)),
     ("rss_growth", "6. RSS growth, %d requests" % LEAK_REQUESTS, "MiB", False,
@@ -553,9 +576,8 @@ def main(argv=None):
         servers = {"ours": Ours(directory, certs, content.root, args.workers),
                    "distribution": Distribution(directory, certs, storage),
                    "nginx": Nginx(directory, certs, content.root)}
-        for name, server in servers.items():
-            print("bench: measuring %s ..." % server.name, file=sys.stderr)
-            measure(server, content, directory, args.seconds)
+        print("bench: measuring %s in turns ..." % ", ".join(servers), file=sys.stderr)
+        measure(list(servers.values()), content, directory, args.seconds)
         results = {name: server.results for name, server in servers.items()}
         ours = results["ours"]
         single = Ours(directory, certs, content.root, workers=1)
