@@ -719,6 +719,22 @@ class BlobBody:
         self.blob.file.close()
 
 
+@contextlib.contextmanager
+def corked(sock):
+    """While a blob streams, TCP sends only full segments. OpenSSL writes each 16 KiB TLS
+    record on its own, so an uncorked socket makes every record a packet of its own,
+    for both ends to handle; leaving the block (or failing) sends what is held."""
+    tcp = sock.family in (socket.AF_INET, socket.AF_INET6) and hasattr(socket, "TCP_CORK")
+    if tcp:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+    try:
+        yield
+    finally:
+        if tcp:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+
+
 class DeadlineReader(io.RawIOBase):
     """A connection's read side. While a deadline is set, each receive gets only the
     time left, so a request trickled in a byte at a time (slow loris) still times out."""
@@ -915,7 +931,8 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
     def copyfile(self, source, outputfile):
         try:
             if isinstance(source, BlobBody):
-                source.copy_to(outputfile)
+                with corked(self.connection):
+                    source.copy_to(outputfile)
             else:
                 outputfile.write(source.getvalue())
         except BlobError as error:

@@ -43,7 +43,7 @@ OWN_LAYER = 22 * 1000 * 1000  # per image: ~250 MB in all
 MANY_MANIFESTS = 5000
 STREAMS = 8
 LEAK_REQUESTS = 10000
-PULLS = 3
+PULLS = 5
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 ACCEPT = ", ".join(["application/vnd.docker.distribution.manifest.v2+json",
                     "application/vnd.docker.distribution.manifest.list.v2+json",
@@ -328,8 +328,8 @@ def wait_for_base(url, ca, process, timeout=30):
 
 def curl_speeds(url, ca, streams):
     """Bytes per second of each of several simultaneous curl downloads, and the wall time."""
-    argv = ["curl", "-s", "-f", "-o", "/dev/null", "--cacert", ca, "-w", "%{speed_download}",
-            url]
+    argv = ["curl", "-s", "-f", "--http1.1", "-o", "/dev/null", "--cacert", ca, "-w",
+            "%{speed_download}", url]
     started = time.monotonic()
     processes = [subprocess.Popen(argv, stdout=subprocess.PIPE, universal_newlines=True)
                  for _ in range(streams)]
