@@ -9,9 +9,10 @@ Every server gets the same content, over TLS, on a free loopback port, and is st
 and stopped here. Needs: docker-registry (CNCF distribution), nginx, wrk, curl, openssl,
 containerd and ctr. Nothing is installed by this script.
 
-Printed: one row per measurement, with each server's figure and our ratio to
-distribution and to nginx (higher is better for rates, lower for times and memory),
-and whether our figure meets its target.
+The servers run side by side and each measurement is taken from them in turns, so
+the machine's drift falls on all of them alike. Printed: one row per measurement, with
+each server's figure and our ratio to distribution and to nginx (higher is better for
+rates, lower for times and memory), and whether our figure meets its target.
 """
 
 import argparse
@@ -460,6 +461,7 @@ def best_of(rounds, servers, key, measurement, better=max):
             figures[server.name].append(measurement(server))
     for server in servers:
         server.results[key] = better(figures[server.name])
+        server.results[key + " runs"] = figures[server.name]
 
 
 def measure(servers, content, directory, seconds):
@@ -600,6 +602,9 @@ def main(argv=None):
                 "yes" if start_many < 0.3 and start_many < start_empty * 1.5 + 0.02 else "NO"),
             "   (distribution's start-up with the bench content: %.0f ms)" % (
                 results["distribution"]["start"] * 1000),
+            "   5. every pull, in turns: ours %s; distribution %s" % tuple(
+                " ".join("%.2f" % t for t in results[name]["pull runs"])
+                for name in ("ours", "distribution")),
             "8. status quo, `ctr images import` of the same %d images as one tarball: %.2f s; "
             "cold pull from us: %.2f s (%.2fx)" % (IMAGES, ours["import"], ours["pull"],
                                                   ours["import"] / ours["pull"]),
