@@ -725,14 +725,17 @@ def corked(sock):
     record on its own, so an uncorked socket makes every record a packet of its own,
     for both ends to handle; leaving the block (or failing) sends what is held."""
     tcp = sock.family in (socket.AF_INET, socket.AF_INET6) and hasattr(socket, "TCP_CORK")
-    if tcp:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+
+    def cork(on):
+        if tcp:
+            with contextlib.suppress(OSError):  # a reset shows at the next send instead
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, on)
+
+    cork(1)
     try:
         yield
     finally:
-        if tcp:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+        cork(0)
 
 
 class DeadlineReader(io.RawIOBase):
