@@ -206,8 +206,9 @@ def digest_of(data, algorithm="sha256"):
 def digest_of_file(f, algorithm="sha256"):
     """The digest of an open file's contents from its current position on."""
     h = hashlib.new(algorithm)
-    for chunk in iter(lambda: f.read(COPY_CHUNK), b""):
-        h.update(chunk)
+    buffer = page_offset_buffer(COPY_CHUNK)
+    for count in iter(lambda: f.readinto(buffer), 0):
+        h.update(buffer[:count])
     return "%s:%s" % (algorithm, h.hexdigest())
 
 
