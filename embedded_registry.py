@@ -308,6 +308,43 @@ Manifest = collections.namedtuple("Manifest", "body media_type digest")
 Blob = collections.namedtuple("Blob", "file size path identity digest verified")
 
 
+def lies_within(root, real_path):
+    """Whether a resolved path is root itself or lies beneath it."""
+    return real_path == root or real_path.startswith(root + os.sep)
+
+
+class ManifestProblem(Exception):
+    """Why a manifest file cannot be served; the message reads after its path."""
+
+
+def load_manifest(path):
+    """(Manifest, parsed document) for the file at path, or ManifestProblem.
+
+    The one judgement of what is servable, shared by the server and --check: at most
+    MAX_MANIFEST_BYTES of JSON with a media type, and a file named by a digest (after
+    symlinks) must hash to that name.
+    """
+    try:
+        with open(path, "rb") as f:
+            body = f.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as error:
+        raise ManifestProblem("cannot be read: %s" % error.strerror)
+    if len(body) > MAX_MANIFEST_BYTES:
+        raise ManifestProblem("is over the %d-byte manifest limit" % MAX_MANIFEST_BYTES)
+    try:
+        document = json.loads(body)
+    except ValueError as error:
+        raise ManifestProblem("is not a JSON manifest: %s" % error)
+    media_type = media_type_of(document) if isinstance(document, dict) else None
+    if media_type is None:
+        raise ManifestProblem("has no mediaType and no recognisable manifest shape")
+    digest = digest_of(body)
+    own_name = os.path.basename(os.path.realpath(path))
+    if own_name.startswith("sha256:") and own_name != digest:
+        raise ManifestProblem("hashes to %s, not to its name" % digest)
+    return Manifest(body, media_type, digest), document
+
+
 def stat_identity(st):
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
@@ -398,7 +435,7 @@ class Tree:
         self._blob_verdicts = SharedVerdicts()
 
     def contains(self, real_path):
-        return real_path == self.root or real_path.startswith(self.root + os.sep)
+        return lies_within(self.root, real_path)
 
     def repo_dirs(self, name, ns=None):
         """The existing repository directories for name, the namespaced one first."""
@@ -450,32 +487,17 @@ class Tree:
         identity = stat_identity(st)
         manifest = self._manifests.get(real, identity)
         if manifest is IdentityCache.MISSING:
-            manifest = self._read_manifest(real, st.st_size)
+            manifest = self._read_manifest(real)
             self._manifests.put(real, identity, manifest)
         return manifest
 
-    def _read_manifest(self, real, size):
-        if size > MAX_MANIFEST_BYTES:
-            log.error("manifest %s is %d bytes, over the %d limit; not served",
-                      real, size, MAX_MANIFEST_BYTES)
-            return None
+    @staticmethod
+    def _read_manifest(real):
         try:
-            with open(real, "rb") as f:
-                body = f.read(MAX_MANIFEST_BYTES + 1)
-            document = json.loads(body)
-        except (OSError, ValueError) as error:
-            log.error("manifest %s cannot be read as JSON (%s); not served", real, error)
+            return load_manifest(real)[0]
+        except ManifestProblem as problem:
+            log.error("manifest %s %s; not served", real, problem)
             return None
-        media_type = media_type_of(document) if isinstance(document, dict) else None
-        if media_type is None:
-            log.error("manifest %s has no mediaType and no recognisable shape; not served", real)
-            return None
-        digest = digest_of(body)
-        own_name = os.path.basename(real)
-        if own_name.startswith("sha256:") and own_name != digest:
-            log.error("manifest %s hashes to %s, not to its name; not served", real, digest)
-            return None
-        return Manifest(body, media_type, digest)
 
     def open_blob(self, name, digest, ns=None):
         """The Blob, open, or RegistryError BLOB_UNKNOWN (also for one known to be corrupt)."""
@@ -569,11 +591,8 @@ class TreeCheck:
             self.problem(path, "temporary file left by an interrupted download; remove it")
         elif os.path.islink(path) and not os.path.exists(path):
             self.problem(path, "dangling symlink to %s" % os.readlink(path))
-        elif os.path.islink(path) and not self._inside(os.path.realpath(path)):
+        elif os.path.islink(path) and not lies_within(self.root, os.path.realpath(path)):
             self.problem(path, "symlink leads outside the root; the server will not follow it")
-
-    def _inside(self, real):
-        return real == self.root or real.startswith(self.root + os.sep)
 
     def _check_repository(self, repo_dir, names):
         self.counts["repositories"] += 1
@@ -592,29 +611,16 @@ class TreeCheck:
             if real in self._manifests_seen:
                 continue  # a tag naming a manifest checked already
             self._manifests_seen.add(real)
-            document = self._read_manifest(path, name)
+            document = self._read_manifest(path)
             if document is not None:
                 self._check_references(repo_dir, path, document)
 
-    def _read_manifest(self, path, name):
+    def _read_manifest(self, path):
         try:
-            with open(path, "rb") as f:
-                body = f.read(MAX_MANIFEST_BYTES + 1)
-            document = json.loads(body)
-        except (OSError, ValueError) as error:
-            self.problem(path, "not a readable JSON manifest: %s" % error)
+            return load_manifest(path)[1]
+        except ManifestProblem as problem:
+            self.problem(path, str(problem))
             return None
-        digest = digest_of(body)
-        real_name = os.path.basename(os.path.realpath(path))
-        if real_name.startswith("sha256:") and real_name != digest:
-            self.problem(path, "hashes to %s, not to its name" % digest)
-            return None
-        if len(body) > MAX_MANIFEST_BYTES:
-            self.problem(path, "over the %d-byte manifest limit" % MAX_MANIFEST_BYTES)
-        if not isinstance(document, dict) or media_type_of(document) is None:
-            self.problem(path, "no mediaType and no recognisable manifest shape")
-            return None
-        return document
 
     def _check_references(self, repo_dir, path, document):
         # The downloader keeps only the requested platforms' children: absent ones are
@@ -642,7 +648,7 @@ class TreeCheck:
 
     def _verify_blob(self, blob, descriptor):
         """None if the blob is sound, else what is wrong with it."""
-        if not self._inside(blob) or not os.path.isfile(blob):
+        if not lies_within(self.root, blob) or not os.path.isfile(blob):
             return "is missing"
         size = os.path.getsize(blob)
         if size != descriptor.get("size"):
