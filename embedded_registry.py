@@ -40,6 +40,7 @@ is cut short, logged and answered 404 from then on. No directory is listed.
 import argparse
 import collections
 import contextlib
+import errno
 import hashlib
 import http.server
 import io
@@ -86,6 +87,14 @@ API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 MAX_NAME_LENGTH = 255
 MAX_LIST_ENTRIES = 1000
+# A request's line and headers together: enough for any registry client, and it keeps a
+# thousand connections that send headers of the largest size to ~64 MiB in all.
+MAX_REQUEST_HEAD = 64 * 1024
+# A byte position longer than this is beyond any file (and int() of 4,300 digits fails).
+MAX_POSITION_DIGITS = 18
+# ROOT/<ns>/<repo>/manifests is the deepest path a request can name: the tree walker
+# never descends below it, however deep a directory chain on disk goes.
+MAX_TREE_PATH = 2 * MAX_NAME_LENGTH + 1 + len("/manifests")
 # Large reads let OpenSSL encrypt big records with the GIL released.
 COPY_CHUNK = 1024 * 1024
 # Where a blob's copy buffer starts within its memory page; see page_offset_buffer().
@@ -98,6 +107,8 @@ DIGEST_RE = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
 DIGEST_HEX_LENGTHS = {"sha256": 64, "sha512": 128}
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 HOST_RE = re.compile(r"%s(?:\.%s)*(?::[0-9]{1,5})?" % (_LABEL, _LABEL))
+POSITION_RE = re.compile(r"[0-9]*")
+COUNT_RE = re.compile(r"[0-9]{1,9}")
 
 # One pattern per route; <name> is greedy so a repo may itself contain "manifests".
 ROUTES = [
@@ -146,8 +157,11 @@ def parse_route(raw_path):
     The path is matched raw, never percent-decoded: no registry name, tag or digest
     contains '%', so an encoded dot or slash simply fails the grammar.
     """
-    split = urllib.parse.urlsplit(raw_path)
-    query = urllib.parse.parse_qs(split.query, keep_blank_values=True)
+    try:
+        split = urllib.parse.urlsplit(raw_path)
+        query = urllib.parse.parse_qs(split.query, keep_blank_values=True)
+    except ValueError:  # an absolute-form target with a broken authority: http://[::1/v2/
+        raise RegistryError(HTTPStatus.BAD_REQUEST, "UNSUPPORTED", "malformed request target")
     for kind, pattern in ROUTES:
         match = pattern.fullmatch(split.path)
         if match:
@@ -191,12 +205,19 @@ def is_digest(reference):
 
 
 def check_digest(digest):
-    algorithm, _, encoded = digest.partition(":")
-    length = DIGEST_HEX_LENGTHS.get(algorithm)
-    if (not DIGEST_RE.fullmatch(digest) or length is None or len(encoded) != length
-            or encoded.strip("0123456789abcdef")):
+    if not is_valid_digest(digest):
         raise RegistryError(HTTPStatus.BAD_REQUEST, "DIGEST_INVALID",
                             "invalid or unsupported digest", {"digest": digest[:200]})
+
+
+def is_valid_digest(digest):
+    """A sha256 or sha512 digest in lowercase hex: the only digests that name files here."""
+    if not isinstance(digest, str):
+        return False
+    algorithm, _, encoded = digest.partition(":")
+    length = DIGEST_HEX_LENGTHS.get(algorithm)
+    return (length is not None and len(encoded) == length
+            and not encoded.strip("0123456789abcdef") and DIGEST_RE.fullmatch(digest) is not None)
 
 
 def digest_of(data, algorithm="sha256"):
@@ -239,11 +260,58 @@ def media_type_of(document):
     return None
 
 
+class ManifestProblem(Exception):
+    """Why a manifest file cannot be served or trusted; the message reads after its path."""
+
+
+def document_references(document):
+    """(child manifest descriptors, blob descriptors) of a parsed manifest or index.
+
+    The gate for what a manifest names: every descriptor must be an object with a valid
+    digest and a whole size before its digest may become part of a path. Foreign layers
+    (with urls) have no blob here. Raises ManifestProblem naming the first bad field.
+    """
+    children = document.get("manifests", [])
+    if not isinstance(children, list):
+        raise ManifestProblem("has a manifests field that is not a list")
+    for number, child in enumerate(children):
+        check_descriptor(child, "manifests[%d]" % number)
+        platform = child.get("platform", {})
+        if not isinstance(platform, dict) or not all(
+                isinstance(platform.get(k, ""), str) for k in ("os", "architecture", "variant")):
+            raise ManifestProblem("has manifests[%d].platform that is not an object of "
+                                  "strings" % number)
+    layers = document.get("layers", [])
+    if not isinstance(layers, list):
+        raise ManifestProblem("has a layers field that is not a list")
+    blobs = [] if document.get("config") is None else [("config", document["config"])]
+    blobs += [("layers[%d]" % number, layer) for number, layer in enumerate(layers)]
+    for field, descriptor in blobs:
+        check_descriptor(descriptor, field)
+    return children, [d for _, d in blobs if not d.get("urls")]
+
+
+def check_descriptor(descriptor, field):
+    if not isinstance(descriptor, dict):
+        raise ManifestProblem("has %s that is not a descriptor object" % field)
+    if not is_valid_digest(descriptor.get("digest")):
+        raise ManifestProblem("has %s with an invalid digest %s" % (
+            field, escape_for_log(repr(descriptor.get("digest")), 100)))
+    size = descriptor.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ManifestProblem("has %s with an invalid size %s" % (
+            field, escape_for_log(repr(size), 100)))
+    if not isinstance(descriptor.get("mediaType", ""), str):
+        raise ManifestProblem("has %s with a mediaType that is not a string" % field)
+
+
 def parse_range(header, size):
     """Return (first, last) for a single satisfiable byte range, None to send it all.
 
     A header this function does not understand, or one asking for several ranges, is
     ignored (RFC 9110 allows a 200 then); an unsatisfiable one raises RegistryError 416.
+    Positions are ASCII digits only: str.isdigit() would take '²', and int() refuses
+    4,300 digits.
     """
     if not header:
         return None
@@ -251,22 +319,27 @@ def parse_range(header, size):
     if unit.strip().lower() != "bytes" or "," in spec:
         return None
     first, dash, last = spec.strip().partition("-")
-    if not dash or not (first.isdigit() or first == "") or not (last.isdigit() or last == ""):
+    if not dash or not POSITION_RE.fullmatch(first) or not POSITION_RE.fullmatch(last):
         return None
     if first == "":
         if last == "":
             return None
-        length = int(last)
+        length = byte_position(last)
         if length == 0 or size == 0:
             raise range_not_satisfiable(size)
         return max(size - length, 0), size - 1
-    start = int(first)
-    end = size - 1 if last == "" else min(int(last), size - 1)
-    if last != "" and int(last) < start:
+    start = byte_position(first)
+    if last != "" and byte_position(last) < start:
         return None  # syntactically invalid: ignore, per RFC 9110
     if start >= size:
         raise range_not_satisfiable(size)
+    end = size - 1 if last == "" else min(byte_position(last), size - 1)
     return start, end
+
+
+def byte_position(digits):
+    """A range position; one too long for any file stands for 'beyond the end'."""
+    return int(digits) if len(digits) <= MAX_POSITION_DIGITS else 10 ** MAX_POSITION_DIGITS
 
 
 def range_not_satisfiable(size):
@@ -286,12 +359,11 @@ def paginate(names, query):
     last = query.get("last", [""])[-1]
     if last:
         names = [n for n in names if n > last]
-    try:
-        limit = int(query.get("n", [MAX_LIST_ENTRIES])[-1])
-    except ValueError:
+    n = query.get("n", [str(MAX_LIST_ENTRIES)])[-1]
+    if not COUNT_RE.fullmatch(n):
         raise RegistryError(HTTPStatus.BAD_REQUEST, "PAGINATION_NUMBER_INVALID",
                             "n must be a whole number")
-    limit = max(0, min(limit, MAX_LIST_ENTRIES))
+    limit = min(int(n), MAX_LIST_ENTRIES)
     return names[:limit], len(names) > limit
 
 
@@ -313,33 +385,59 @@ def lies_within(root, real_path):
     return real_path == root or real_path.startswith(root + os.sep)
 
 
-class ManifestProblem(Exception):
-    """Why a manifest file cannot be served; the message reads after its path."""
+class NotRegularFile(OSError):
+    """A FIFO, device, socket or directory where a file is expected: never read."""
+
+
+def open_regular(path):
+    """(file, stat) of path opened for reading, only if it is a regular file.
+
+    Opened non-blocking, so a FIFO planted in the tree cannot hang the open, and
+    checked after opening (fstat), so nothing can be swapped in between.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(errno.EINVAL, "not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb", buffering=0), st
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def load_manifest(path):
-    """(Manifest, parsed document) for the file at path, or ManifestProblem.
+    """(Manifest, parsed document) for the file at path, or ManifestProblem."""
+    try:
+        f, _ = open_regular(path)
+        with f:
+            body = f.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as error:
+        raise ManifestProblem("cannot be read: %s" % error.strerror)
+    return parse_manifest(body, os.path.realpath(path))
+
+
+def parse_manifest(body, real_path):
+    """(Manifest, parsed document) for a manifest file's bytes, or ManifestProblem.
 
     The one judgement of what is servable, shared by the server and --check: at most
     MAX_MANIFEST_BYTES of JSON with a media type, and a file named by a digest (after
     symlinks) must hash to that name.
     """
-    try:
-        with open(path, "rb") as f:
-            body = f.read(MAX_MANIFEST_BYTES + 1)
-    except OSError as error:
-        raise ManifestProblem("cannot be read: %s" % error.strerror)
     if len(body) > MAX_MANIFEST_BYTES:
         raise ManifestProblem("is over the %d-byte manifest limit" % MAX_MANIFEST_BYTES)
     try:
         document = json.loads(body)
+    except RecursionError:
+        raise ManifestProblem("is not a JSON manifest: nested too deeply")
     except ValueError as error:
         raise ManifestProblem("is not a JSON manifest: %s" % error)
     media_type = media_type_of(document) if isinstance(document, dict) else None
     if media_type is None:
         raise ManifestProblem("has no mediaType and no recognisable manifest shape")
     digest = digest_of(body)
-    own_name = os.path.basename(os.path.realpath(path))
+    own_name = os.path.basename(real_path)
     if own_name.startswith("sha256:") and own_name != digest:
         raise ManifestProblem("hashes to %s, not to its name" % digest)
     return Manifest(body, media_type, digest), document
@@ -391,10 +489,14 @@ class SharedVerdicts:
     by every --workers process: each blob is hashed once, and a corrupt one is refused
     by every worker as soon as one has found it out.
 
+    A verdict says "this file's bytes hash to this digest": it is bound to the digest
+    asked for as well as to the file, so a link that puts blob B's file under A's name
+    gets a verdict of its own and never lends B's, or takes it away.
+
     A direct-mapped table in an anonymous shared mapping, made before the workers fork.
-    A slot holds a hash of (path, identity, verdict), so a slot taken over by another
-    file, or read while another process writes it, reads as "not yet known": never as
-    a wrong verdict, and no lock is needed.
+    A slot holds a hash of (digest, path, identity, verdict), so a slot taken over by
+    another file, or read while another process writes it, reads as "not yet known":
+    never as a wrong verdict, and no lock is needed.
     """
 
     SLOT_BYTES = 16
@@ -403,8 +505,8 @@ class SharedVerdicts:
         self._slots = slots
         self._table = mmap.mmap(-1, slots * self.SLOT_BYTES)
 
-    def _slot(self, path, identity):
-        key = repr((path, identity)).encode()
+    def _slot(self, digest, path, identity):
+        key = repr((digest, path, identity)).encode()
         index = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big")
         return key, (index % self._slots) * self.SLOT_BYTES
 
@@ -412,18 +514,69 @@ class SharedVerdicts:
         return hashlib.blake2b(key, digest_size=self.SLOT_BYTES,
                                person=b"sound" if sound else b"corrupt").digest()
 
-    def get(self, path, identity):
+    def get(self, digest, path, identity):
         """True (sound), False (corrupt) or None (not yet known)."""
-        key, start = self._slot(path, identity)
+        key, start = self._slot(digest, path, identity)
         held = self._table[start:start + self.SLOT_BYTES]
         for sound in (True, False):
             if held == self._tag(key, sound):
                 return sound
         return None
 
-    def put(self, path, identity, sound):
-        key, start = self._slot(path, identity)
+    def put(self, digest, path, identity, sound):
+        key, start = self._slot(digest, path, identity)
         self._table[start:start + self.SLOT_BYTES] = self._tag(key, sound)
+
+
+def real_path(path):
+    """os.path.realpath(path), or None where a chain of links is too long to follow
+    (the kernel gives up after 40 links; Python's own resolver would recurse on)."""
+    try:
+        return os.path.realpath(path)
+    except (RecursionError, OSError):
+        return None
+
+
+def is_directory(entry):
+    """Whether a DirEntry is a directory itself, not a link to one (False if unknowable)."""
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
+
+
+def walk_tree(root, descend, on_problem):
+    """Every directory of the tree, root first, as (path, its DirEntry list by name).
+
+    The one way the tree is walked, by _catalog and --check alike: iterative, so a chain
+    of directories thousands deep costs no recursion; a directory is entered only if
+    descend(entry) says so, never through a symlink, and never deeper than MAX_TREE_PATH;
+    a directory that cannot be listed goes to on_problem(path, message) and is skipped.
+    """
+    pending = [root]
+    while pending:
+        top = pending.pop()
+        try:
+            with os.scandir(top) as scan:
+                entries = sorted(scan, key=lambda entry: entry.name)
+        except OSError as error:
+            on_problem(top, "cannot be listed: %s" % error.strerror)
+            continue
+        yield top, entries
+        for entry in reversed(entries):
+            if not is_directory(entry) or not descend(entry):
+                continue
+            if len(entry.path) - len(root) > MAX_TREE_PATH:
+                on_problem(entry.path, "lies deeper than any repository name reaches; "
+                                       "not looked at")
+                continue
+            pending.append(entry.path)
+
+
+def names_a_repository_part(entry):
+    """Directories that can hold repositories: not a repository's own folders, and not
+    the hidden work folders of the downloader."""
+    return entry.name not in ("manifests", "blobs") and not entry.name.startswith(".")
 
 
 class Tree:
@@ -433,9 +586,17 @@ class Tree:
         self.root = os.path.realpath(root)
         self._manifests = IdentityCache(cache_size)  # Manifest, or None if unservable
         self._blob_verdicts = SharedVerdicts()
+        self._told = IdentityCache(cache_size)  # what was logged of which file
 
     def contains(self, real_path):
         return lies_within(self.root, real_path)
+
+    def warn_once(self, key, identity, level, message, *args):
+        """Log a refusal once for as long as the file at fault keeps its identity, so a
+        client that asks again and again does not flood the log."""
+        if self._told.get(key, identity) is IdentityCache.MISSING:
+            self._told.put(key, identity, True)
+            log.log(level, message, *args)
 
     def repo_dirs(self, name, ns=None):
         """The existing repository directories for name, the namespaced one first."""
@@ -443,28 +604,38 @@ class Tree:
         candidates.append(os.path.join(self.root, name))
         found = []
         for candidate in candidates:
-            real = os.path.realpath(candidate)
-            if self.contains(real) and os.path.isdir(real):
+            real = self._resolve(candidate)
+            if real and os.path.isdir(real):
                 found.append(real)
         if not found:
             raise RegistryError(HTTPStatus.NOT_FOUND, "NAME_UNKNOWN",
                                 "repository name not known to registry", {"name": name})
         return found
 
-    def _resolve_file(self, path):
-        """The real path behind path if it lies inside the root, else None (and a warning)."""
-        real = os.path.realpath(path)
-        if not self.contains(real):
-            log.warning("refusing %s: it resolves outside the root to %s", path, real)
-            return None
+    def _resolve(self, path):
+        """The real path behind path if it lies inside the root, else None (logged once)."""
+        real = real_path(path)
+        if real is None:
+            self.warn_once(("loop", path), None, logging.WARNING,
+                           "refusing %s: too many levels of symbolic links", path)
+        elif not self.contains(real):
+            self.warn_once(("outside", path), real, logging.WARNING,
+                           "refusing %s: it resolves outside the root to %s", path, real)
+            real = None
         return real
+
+    def manifests_dir(self, repo):
+        """A repository's manifests directory, if it is one and lies inside the root."""
+        real = self._resolve(os.path.join(repo, "manifests"))
+        return real if real and os.path.isdir(real) else None
 
     def manifest(self, name, reference, ns=None):
         for repo in self.repo_dirs(name, ns):
-            real = self._resolve_file(os.path.join(repo, "manifests", reference))
+            real = self._resolve(os.path.join(repo, "manifests", reference))
             found = real and self._load_manifest(real)
             if found and is_digest(reference) and not self._matches(found, reference):
-                log.error("manifest %s does not hash to %s; not served", real, reference)
+                self.warn_once(("mismatch", real, reference), found.digest, logging.ERROR,
+                               "manifest %s does not hash to %s; not served", real, reference)
                 found = None
             if found:
                 return found
@@ -477,55 +648,65 @@ class Tree:
         return found.digest == digest or digest_of(found.body, algorithm) == digest
 
     def _load_manifest(self, real):
-        """The Manifest at real (None if missing or corrupt), cached by file identity."""
+        """The Manifest at real (None if missing or unservable), cached by file identity."""
         try:
-            st = os.stat(real)
+            f, st = open_regular(real)
+        except NotRegularFile:
+            self.warn_once(("irregular", real), None, logging.ERROR,
+                           "manifest %s is not a regular file; not served", real)
+            return None
         except OSError:
             return None
-        if not stat.S_ISREG(st.st_mode):
-            return None
-        identity = stat_identity(st)
-        manifest = self._manifests.get(real, identity)
-        if manifest is IdentityCache.MISSING:
-            manifest = self._read_manifest(real)
-            self._manifests.put(real, identity, manifest)
+        with f:
+            identity = stat_identity(st)
+            manifest = self._manifests.get(real, identity)
+            if manifest is IdentityCache.MISSING:
+                manifest = self._read_manifest(f, real)
+                self._manifests.put(real, identity, manifest)
         return manifest
 
     @staticmethod
-    def _read_manifest(real):
+    def _read_manifest(f, real):
         try:
-            return load_manifest(real)[0]
-        except ManifestProblem as problem:
-            log.error("manifest %s %s; not served", real, problem)
-            return None
+            return parse_manifest(f.read(MAX_MANIFEST_BYTES + 1), real)[0]
+        except OSError as error:
+            problem = "cannot be read: %s" % error.strerror
+        except ManifestProblem as error:
+            problem = str(error)
+        log.error("manifest %s %s; not served", real, problem)  # once: the result is cached
+        return None
 
     def open_blob(self, name, digest, ns=None):
         """The Blob, open, or RegistryError BLOB_UNKNOWN (also for one known to be corrupt)."""
         for repo in self.repo_dirs(name, ns):
-            real = self._resolve_file(os.path.join(repo, "blobs", digest))
+            real = self._resolve(os.path.join(repo, "blobs", digest))
             if not real:
                 continue
             try:
-                f = open(real, "rb", buffering=0)
+                f, st = open_regular(real)
+            except NotRegularFile:
+                self.warn_once(("irregular", real), None, logging.ERROR,
+                               "blob %s is not a regular file; not served", real)
+                continue
             except OSError:
                 continue
-            st = os.fstat(f.fileno())
             identity = stat_identity(st)
-            verdict = self._blob_verdicts.get(real, identity)
-            if stat.S_ISREG(st.st_mode) and verdict is not False:
+            verdict = self._blob_verdicts.get(digest, real, identity)
+            if verdict is not False:
                 return Blob(f, st.st_size, real, identity, digest, verdict is True)
-            if verdict is False:
-                log.warning("blob %s does not hash to its name; not served", real)
+            self.warn_once(("corrupt", real, digest), identity, logging.WARNING,
+                           "blob %s does not hash to %s; not served", real, digest)
             f.close()
         raise blob_unknown(name, digest)
 
     def record_verdict(self, blob, actual_digest):
         """Remember whether blob hashed to its name; a corrupt one is not served again."""
         sound = actual_digest == blob.digest
-        self._blob_verdicts.put(blob.path, blob.identity, sound)
+        self._blob_verdicts.put(blob.digest, blob.path, blob.identity, sound)
         if not sound:
-            log.error("blob %s hashes to %s, not to its name: corrupt, no longer served",
-                      blob.path, actual_digest)
+            self.warn_once(("corrupt", blob.path, blob.digest), blob.identity, logging.ERROR,
+                           "blob %s hashes to %s, not to %s: corrupt, no longer served",
+                           blob.path, actual_digest, blob.digest)
         return sound
 
     def verify_blob(self, blob):
@@ -539,21 +720,26 @@ class Tree:
     def tags(self, name, ns=None):
         tags = set()
         for repo in self.repo_dirs(name, ns):
+            manifests = self.manifests_dir(repo)
             try:
-                entries = os.listdir(os.path.join(repo, "manifests"))
-            except OSError:
+                entries = os.listdir(manifests) if manifests else []
+            except OSError as error:
+                self.warn_once(("unlisted", manifests), None, logging.WARNING,
+                               "cannot list %s: %s", manifests, error.strerror)
                 continue
             tags.update(e for e in entries if TAG_RE.fullmatch(e))
         return sorted(tags)
 
     def repositories(self):
-        """Every directory holding a manifests/ folder, as a repository name."""
+        """Every directory holding a manifests/ folder inside the root, by repository name."""
         names = []
-        for top, dirs, _files in os.walk(self.root):
-            if "manifests" in dirs:
+        for top, entries in walk_tree(self.root, names_a_repository_part, self._walk_problem):
+            if any(entry.name == "manifests" for entry in entries) and self.manifests_dir(top):
                 names.append(os.path.relpath(top, self.root).replace(os.sep, "/"))
-            dirs[:] = [d for d in dirs if d not in ("manifests", "blobs")]
         return sorted(n for n in names if NAME_RE.fullmatch(n) or _namespaced(n))
+
+    def _walk_problem(self, path, message):
+        self.warn_once(("walk", path), None, logging.WARNING, "%s %s", path, message)
 
 
 def _namespaced(name):
@@ -578,26 +764,40 @@ class TreeCheck:
         self.problems.append({"path": path, "problem": message})
 
     def run(self):
-        for top, dirs, files in os.walk(self.root):
-            for name in dirs + files:
-                self._check_entry(os.path.join(top, name), name)
-            if os.path.basename(top) == "manifests":
-                self._check_repository(os.path.dirname(top), sorted(files))
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for top, entries in walk_tree(self.root, self._descend, self.problem):
+            for entry in entries:
+                self._check_entry(entry.path, entry.name)
+            if any(entry.name == "manifests" for entry in entries):
+                self._check_repository(top)
         return self
+
+    @staticmethod
+    def _descend(entry):
+        # A repository's manifests/ is listed by _check_repository; hidden folders are
+        # the downloader's work folders, reported by _check_entry.
+        return entry.name != "manifests" and not entry.name.startswith(".")
 
     def _check_entry(self, path, name):
         if name.startswith(".") and (name.endswith(".tmp") or name.startswith(".incoming-")):
             self.problem(path, "temporary file left by an interrupted download; remove it")
         elif os.path.islink(path) and not os.path.exists(path):
             self.problem(path, "dangling symlink to %s" % os.readlink(path))
-        elif os.path.islink(path) and not lies_within(self.root, os.path.realpath(path)):
+        elif os.path.islink(path) and not lies_within(self.root, real_path(path) or ""):
             self.problem(path, "symlink leads outside the root; the server will not follow it")
 
-    def _check_repository(self, repo_dir, names):
+    def _check_repository(self, repo_dir):
+        manifests = os.path.join(repo_dir, "manifests")
+        if not lies_within(self.root, real_path(manifests) or ""):
+            return  # reported by _check_entry as a link leading outside
+        try:
+            names = sorted(os.listdir(manifests))
+        except OSError as error:
+            self.problem(manifests, "cannot be listed: %s" % error.strerror)
+            return
         self.counts["repositories"] += 1
         for name in names:
-            path = os.path.join(repo_dir, "manifests", name)
+            path = os.path.join(manifests, name)
+            self._check_entry(path, name)
             if name.startswith(".") or not os.path.exists(path):
                 continue
             if TAG_RE.fullmatch(name):
@@ -607,60 +807,59 @@ class TreeCheck:
             else:
                 self.problem(path, "neither a tag nor a sha256 digest: never served")
                 continue
-            real = os.path.realpath(path)
+            real = real_path(path)
             if real in self._manifests_seen:
                 continue  # a tag naming a manifest checked already
             self._manifests_seen.add(real)
-            document = self._read_manifest(path)
-            if document is not None:
-                self._check_references(repo_dir, path, document)
+            try:
+                document = load_manifest(path)[1]
+                children, blobs = document_references(document)
+            except ManifestProblem as problem:
+                self.problem(path, str(problem))
+                continue
+            self._check_children(repo_dir, path, children)
+            for descriptor in blobs:
+                self._check_blob(repo_dir, path, descriptor)
 
-    def _read_manifest(self, path):
-        try:
-            return load_manifest(path)[1]
-        except ManifestProblem as problem:
-            self.problem(path, str(problem))
-            return None
-
-    def _check_references(self, repo_dir, path, document):
+    def _check_children(self, repo_dir, path, children):
         # The downloader keeps only the requested platforms' children: absent ones are
         # counted, and only an index with none of its children is a problem.
-        children = document.get("manifests") or []
         present = [c for c in children
-                   if os.path.isfile(os.path.join(repo_dir, "manifests", c.get("digest", "")))]
+                   if os.path.isfile(os.path.join(repo_dir, "manifests", c["digest"]))]
         self.counts["platforms not downloaded"] += len(children) - len(present)
         if children and not present:
             self.problem(path, "none of the index's child manifests is in the tree (%s)" % (
                 ", ".join(describe_platform(c.get("platform")) for c in children)))
-        descriptors = [document.get("config")] + list(document.get("layers") or [])
-        for descriptor in descriptors:
-            if isinstance(descriptor, dict) and not descriptor.get("urls"):
-                self._check_blob(repo_dir, path, descriptor)
 
     def _check_blob(self, repo_dir, path, descriptor):
-        digest = descriptor.get("digest", "")
-        blob = os.path.realpath(os.path.join(repo_dir, "blobs", digest))
-        if blob not in self._blobs_seen:
-            self._blobs_seen[blob] = self._verify_blob(blob, descriptor)
+        digest = descriptor["digest"]
+        blob = real_path(os.path.join(repo_dir, "blobs", digest)) or ""
+        if (blob, digest) not in self._blobs_seen:  # a verdict holds for one digest only
+            self._blobs_seen[blob, digest] = self._verify_blob(blob, descriptor)
             self.counts["blobs"] += 1
-        if self._blobs_seen[blob]:
-            self.problem(path, "blob %s %s" % (digest, self._blobs_seen[blob]))
+        if self._blobs_seen[blob, digest]:
+            self.problem(path, "blob %s %s" % (digest, self._blobs_seen[blob, digest]))
 
     def _verify_blob(self, blob, descriptor):
         """None if the blob is sound, else what is wrong with it."""
-        if not lies_within(self.root, blob) or not os.path.isfile(blob):
+        if not lies_within(self.root, blob):
             return "is missing"
-        size = os.path.getsize(blob)
-        if size != descriptor.get("size"):
-            return "is %d bytes, %s declared" % (size, descriptor.get("size"))
-        if self.deep:
-            algorithm = descriptor["digest"].partition(":")[0]
-            with open(blob, "rb") as f:
-                actual = digest_of_file(f, algorithm if algorithm in DIGEST_HEX_LENGTHS
-                                        else "sha256")
-            if actual != descriptor["digest"]:
-                return "does not hash to its digest (damaged)"
-        return None
+        try:
+            f, st = open_regular(blob)
+        except FileNotFoundError:
+            return "is missing"
+        except OSError as error:
+            return "cannot be read: %s" % error.strerror
+        with f:
+            if st.st_size != descriptor["size"]:
+                return "is %d bytes, %s declared" % (st.st_size, descriptor["size"])
+            if not self.deep:
+                return None
+            try:
+                actual = digest_of_file(f, descriptor["digest"].partition(":")[0])
+            except OSError as error:
+                return "cannot be read: %s" % error.strerror
+        return None if actual == descriptor["digest"] else "does not hash to its digest (damaged)"
 
     def report(self):
         lines = ["%s: %s" % (p["path"], p["problem"]) for p in self.problems]

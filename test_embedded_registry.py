@@ -1526,10 +1526,12 @@ def test_corrupt_blob_is_cut_short_then_refused(tmp_path, caplog, damage):
 
 def test_shared_verdicts_are_right_or_unknown():
     verdicts = er.SharedVerdicts(slots=1)  # every file lands in the one slot
-    a, b = ("/tree/blobs/a", (1, 2, 30, 40)), ("/tree/blobs/b", (1, 3, 30, 40))
+    a = ("sha256:" + "a" * 64, "/tree/blobs/a", (1, 2, 30, 40))
+    b = ("sha256:" + "b" * 64, "/tree/blobs/b", (1, 3, 30, 40))
     assert verdicts.get(*a) is None
     verdicts.put(*a, True)
-    assert verdicts.get(*a) is True and verdicts.get(a[0], (1, 2, 30, 41)) is None
+    assert verdicts.get(*a) is True and verdicts.get(a[0], a[1], (1, 2, 30, 41)) is None
+    assert verdicts.get(b[0], a[1], a[2]) is None  # the same file asked for as another digest
     verdicts.put(*b, False)  # takes the slot over
     assert verdicts.get(*b) is False and verdicts.get(*a) is None
     verdicts._table[:8] = bytes(8)  # as if read half-written by another process
