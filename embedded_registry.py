@@ -42,6 +42,7 @@ import collections
 import contextlib
 import errno
 import hashlib
+import http.client
 import http.server
 import io
 import ipaddress
@@ -49,7 +50,9 @@ import json
 import logging
 import mmap
 import os
+import queue
 import re
+import resource
 import signal
 import socket
 import socketserver
@@ -109,6 +112,7 @@ _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 HOST_RE = re.compile(r"%s(?:\.%s)*(?::[0-9]{1,5})?" % (_LABEL, _LABEL))
 POSITION_RE = re.compile(r"[0-9]*")
 COUNT_RE = re.compile(r"[0-9]{1,9}")
+ZERO_RE = re.compile(r"0+")
 
 # One pattern per route; <name> is greedy so a repo may itself contain "manifests".
 ROUTES = [
@@ -365,6 +369,15 @@ def paginate(names, query):
                             "n must be a whole number")
     limit = min(int(n), MAX_LIST_ENTRIES)
     return names[:limit], len(names) > limit
+
+
+def carries_body(headers):
+    """Whether a request announces a body: any Transfer-Encoding, or a Content-Length
+    other than zero (or one that is not a number at all)."""
+    if headers.get("Transfer-Encoding") is not None:
+        return True
+    return any(not ZERO_RE.fullmatch(value.strip())
+               for value in headers.get_all("Content-Length") or [])
 
 
 def escape_for_log(text, limit=400):
@@ -899,6 +912,7 @@ class BlobBody:
     def __init__(self, blob, start, length, verify_for=None):
         self.blob = blob
         self.remaining = length
+        self.sent = 0
         self.tree = verify_for
         self.hash = hashlib.new(blob.digest.partition(":")[0]) if verify_for else None
         if start:
@@ -909,8 +923,12 @@ class BlobBody:
         if self.remaining and self.hash is None and not isinstance(sock, ssl.SSLSocket):
             out.flush()  # the headers go first
             # Plain HTTP, nothing to hash: the kernel sends straight from the page cache.
-            self.remaining -= sock.sendfile(self.blob.file, self.blob.file.tell(),
-                                            self.remaining)
+            start = self.blob.file.tell()
+            try:
+                sock.sendfile(self.blob.file, start, self.remaining)
+            finally:  # sendfile leaves the file just past what it sent, even when cut
+                self.sent = self.blob.file.tell() - start
+                self.remaining -= self.sent
         else:
             self.copy_to(out)
         if self.remaining:
@@ -932,6 +950,7 @@ class BlobBody:
                     raise BlobError("blob %s is corrupt; its final chunk was held back" %
                                     self.blob.path)
             out.write(buffer[:count])
+            self.sent += count
 
     def close(self):
         self.blob.file.close()
@@ -976,6 +995,25 @@ class DeadlineReader(io.RawIOBase):
         return self.sock.recv_into(buffer)
 
 
+class HeadReader(io.BufferedReader):
+    """A connection's buffered read side. While head_left is set (a request's headers are
+    being read), the lines read may not add up to more: past it, LineTooLong, which the
+    base class answers with 431. Headers of many long lines cannot pile up in memory."""
+
+    head_left = None
+
+    def readline(self, limit=-1):
+        if self.head_left is None:
+            return super().readline(limit)
+        cap = self.head_left + 1 if limit is None or limit < 0 else min(limit, self.head_left + 1)
+        line = super().readline(max(cap, 0))
+        self.head_left -= len(line)
+        if self.head_left < 0:
+            raise http.client.LineTooLong("request line and headers over %d bytes"
+                                          % MAX_REQUEST_HEAD)
+        return line
+
+
 class RegistryHandler(http.server.SimpleHTTPRequestHandler):
     """Answers registry reads; SimpleHTTPRequestHandler's do_GET/do_HEAD call send_head()."""
 
@@ -986,31 +1024,29 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
     # larger than the buffer go straight to the socket.
     wbufsize = 64 * 1024
 
-    busy = False
+    def __init__(self, *args, slot, **kwargs):
+        self.slot = slot  # this connection's place among --max-connections
+        self.requests = 0
+        super().__init__(*args, **kwargs)
 
     def setup(self):
         self.connection = self.request
         if self.connection.family in (socket.AF_INET, socket.AF_INET6):
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.reader = DeadlineReader(self.connection)
-        self.rfile = io.BufferedReader(self.reader)
+        self.rfile = HeadReader(self.reader)
         self.wfile = self.connection.makefile("wb", self.wbufsize)
-        self.server.track(self, True)
+        self.slot.sock = self.connection
 
-    def finish(self):
-        self.server.track(self, False)
-        super().finish()
-
-    def close_if_idle(self):
-        """Called at shutdown: a connection between requests is closed under its reader."""
-        if not self.busy:
-            with contextlib.suppress(OSError):
-                socket.socket.shutdown(self.connection, socket.SHUT_RDWR)
-
-    # Timeouts: idle between requests, a deadline for the headers, then sending -----
+    # Timeouts: a first request within the header deadline, idle between requests, a
+    # deadline for the headers, then sending ------------------------------------------
 
     def handle_one_request(self):
-        self.connection.settimeout(self.server.idle_timeout)
+        # A new connection has only the header deadline to begin: a socket that never
+        # speaks must not hold a slot for the idle time a keep-alive client has earned.
+        wait = self.server.idle_timeout if self.requests else self.server.header_timeout
+        self.connection.settimeout(wait)
+        self.slot.waiting = True  # may be closed to make room, or at shutdown
         try:
             if not self.rfile.peek(1):
                 self.close_connection = True
@@ -1018,15 +1054,25 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
         except (socket.timeout, OSError):
             self.close_connection = True  # idle too long: a normal end, not worth a log line
             return
+        finally:
+            self.slot.waiting = False
+        self.requests += 1
         self.reader.deadline = time.monotonic() + self.server.header_timeout
         super().handle_one_request()
 
     def parse_request(self):
+        self.rfile.head_left = MAX_REQUEST_HEAD - len(self.raw_requestline)
         try:
-            return super().parse_request()
+            if not super().parse_request():
+                return False
         finally:
-            self.reader.deadline = None
+            self.rfile.head_left = self.reader.deadline = None
             self.connection.settimeout(self.server.send_timeout)
+        if self.command in ("GET", "HEAD") and carries_body(self.headers):
+            # Never read on as if the body were the next request (request smuggling).
+            self.send_error(HTTPStatus.BAD_REQUEST, "a GET or HEAD request carries no body")
+            return False
+        return True
 
     # Dispatch ---------------------------------------------------------------------
 
@@ -1068,8 +1114,11 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
         blob = tree.open_blob(route.name, route.reference, route.ns)
         try:
             span = parse_range(self.headers.get("Range"), blob.size)
-            # The first whole GET hashes the blob; a small one before its headers are sent.
-            verify = self.command == "GET" and span is None and not blob.verified
+            # A whole GET, or a range that is the whole blob, hashes it: the first one,
+            # or every one with --verify always. A small blob before its headers are sent.
+            whole = span is None or span == (0, blob.size - 1)
+            verify = (self.command == "GET" and whole
+                      and (self.server.verify_always or not blob.verified))
             if verify and blob.size <= COPY_CHUNK:
                 if not tree.verify_blob(blob):
                     raise blob_unknown(route.name, route.reference)
@@ -1106,7 +1155,6 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
         for key, value in headers:
             self.send_header(key, value)
         self.end_headers()
-        self.response_bytes = length
 
     def send_bytes(self, status, body, content_type, headers=()):
         self.send_headers(status, content_type, len(body), headers)
@@ -1134,6 +1182,9 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
     def send_error(self, code, message=None, explain=None):
         """The base class's own errors (bad request line, 501, ...) as OCI JSON, closing."""
         self.log_error("code %d, message %s", code, message)
+        self.send_closing_error(code, message)
+
+    def send_closing_error(self, code, message=None):
         self.close_connection = True
         # Garbage parses as an HTTP/0.9 request, whose answers have no status line.
         self.request_version = "HTTP/1.1"
@@ -1152,10 +1203,14 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
     def copyfile(self, source, outputfile):
         try:
             if isinstance(source, BlobBody):
-                with corked(self.connection):
-                    source.send(outputfile, self.connection)
+                try:
+                    with corked(self.connection):
+                        source.send(outputfile, self.connection)
+                finally:
+                    self.response_bytes = source.sent  # what went out, if it was cut
             else:
                 outputfile.write(source.getvalue())
+                self.response_bytes = len(source.getvalue())
         except BlobError as error:
             log.error("%s %s", self.client_address[0], error)
             self.close_connection = True  # short of Content-Length: the client sees the cut
@@ -1165,16 +1220,28 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
     def _timed(self, method):
         started = time.monotonic()
         self.response_status = self.response_bytes = 0
-        self.busy = True
         try:
             method()
+        except (ConnectionError, TimeoutError, ssl.SSLError):
+            raise  # the client is gone: the server logs the closed connection
+        except Exception as error:
+            self.answer_failure(error)
         finally:
-            self.busy = False
             if self.server.stopping:
                 self.close_connection = True
             log.info("%s %s %s %s %d %.3fs", self.client_address[0], self.command,
                      escape_for_log(self.path), self.response_status,
                      self.response_bytes, time.monotonic() - started)
+
+    def answer_failure(self, error):
+        """A fault of ours while answering: a 500 if no answer has begun, one log line
+        with the cause, and the connection closed, since its state is unknown."""
+        log.error("%s %s %s failed: %r", self.client_address[0], self.command,
+                  escape_for_log(self.path), error, exc_info=log.isEnabledFor(logging.DEBUG))
+        if self.response_status:
+            self.close_connection = True
+        else:
+            self.send_closing_error(HTTPStatus.INTERNAL_SERVER_ERROR)
 
     def log_request(self, code="-", size="-"):
         self.response_status = int(code)
@@ -1186,6 +1253,27 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
 
 # --- The server: sockets, TLS, lifecycle -----------------------------------------------
 
+class Slot:
+    """One accepted connection's place among --max-connections.
+
+    It is waiting while the connection has yet to send a first byte, of its TLS
+    handshake or of its next request: only then may it be closed to make room for a
+    new connection (as nginx reuses idle keep-alive connections) or at shutdown.
+    """
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.waiting = True
+        self.closed = False
+        self.opened = time.monotonic()
+
+    def close_under(self):
+        """Shut the socket down under its reader, which then ends the connection."""
+        self.closed = True
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+
+
 class RegistryServer(http.server.ThreadingHTTPServer):
     """Owns the listening socket, the TLS context and the tree; a thread per connection."""
 
@@ -1194,19 +1282,20 @@ class RegistryServer(http.server.ThreadingHTTPServer):
 
     def __init__(self, address, tree, tls=None, *, max_connections=1024,
                  handshake_timeout=10.0, header_timeout=10.0, idle_timeout=60.0,
-                 send_timeout=60.0, handler_class=RegistryHandler):
+                 send_timeout=60.0, verify_always=False, handler_class=RegistryHandler):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.tree = tree
         self.tls = tls
+        self.max_connections = max_connections
         self.handshake_timeout = handshake_timeout
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
         self.send_timeout = send_timeout
-        self.stopping = False
-        self._connections = set()
-        self._connections_lock = threading.Lock()
-        # Acquired in the accept loop: past the limit, new connections wait in the backlog.
-        self._slots = threading.BoundedSemaphore(max_connections)
+        self.verify_always = verify_always
+        self.stopping = False  # shutdown() was asked for: no new slot, no more keep-alive
+        self._slots = set()
+        self._slots_changed = threading.Condition()
+        self._room_told = float("-inf")
         super().__init__(address, handler_class)
 
     def server_bind(self):
@@ -1220,54 +1309,96 @@ class RegistryServer(http.server.ThreadingHTTPServer):
         host = "[%s]" % host if ":" in host else host
         return "%s://%s:%d" % ("https" if self.tls else "http", host, port)
 
-    def track(self, handler, open_):
-        with self._connections_lock:
-            (self._connections.add if open_ else self._connections.discard)(handler)
-
-    def drain(self, timeout):
-        """After shutdown(): close idle connections, let requests in flight finish."""
-        self.stopping = True
-        deadline = time.monotonic() + timeout
-        while True:
-            with self._connections_lock:
-                handlers = list(self._connections)
-            if not handlers:
-                return 0
-            if time.monotonic() >= deadline:
-                return len(handlers)
-            for handler in handlers:
-                handler.close_if_idle()
-            time.sleep(0.05)
+    # Slots: at most max_connections at once, room made from waiting ones --------------
 
     def process_request(self, request, client_address):
-        self._slots.acquire()
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
+        slot = self._take_slot(request)
+        if slot is None:  # stopping
+            self.shutdown_request(request)
+            return
+        threading.Thread(target=self.process_request_thread, daemon=True,
+                         args=(request, client_address, slot)).start()
 
-    def process_request_thread(self, request, client_address):
+    def _take_slot(self, request):
+        """A slot for a new connection, or None once stopping; never waits past that."""
+        with self._slots_changed:
+            while len(self._slots) >= self.max_connections:
+                if self.stopping:
+                    return None
+                self._make_room()
+                self._slots_changed.wait(0.05)
+            slot = Slot(request)
+            self._slots.add(slot)
+            return slot
+
+    def _make_room(self):
+        """Close the oldest connection that waits for a first byte; with none waiting,
+        the new connection waits for a busy one to finish."""
+        waiting = [slot for slot in self._slots if slot.waiting and not slot.closed]
+        if not waiting:
+            return
+        now = time.monotonic()
+        if now >= self._room_told + 60:  # under a flood, one line a minute
+            self._room_told = now
+            log.warning("all %d connections taken: closing those that have not sent a "
+                        "request (see --max-connections)", self.max_connections)
+        min(waiting, key=lambda slot: slot.opened).close_under()
+
+    def process_request_thread(self, request, client_address, slot):
         try:
-            super().process_request_thread(request, client_address)
+            self.finish_request(request, client_address, slot)
+        except Exception:
+            self.handle_error(request, client_address)
         finally:
-            self._slots.release()
+            self.shutdown_request(request)
+            with self._slots_changed:
+                self._slots.discard(slot)
+                self._slots_changed.notify_all()
 
-    def finish_request(self, request, client_address):
+    def finish_request(self, request, client_address, slot):
         """Runs in the connection's own thread, so a slow TLS handshake stalls no one else."""
         if self.tls is None:
-            self.RequestHandlerClass(request, client_address, self, directory=self.tree.root)
+            self.RequestHandlerClass(request, client_address, self, directory=self.tree.root,
+                                     slot=slot)
             return
         request.settimeout(self.handshake_timeout)
         try:
+            if not request.recv(1, socket.MSG_PEEK):  # waiting, until the first byte
+                return
+            slot.waiting = False
             tls = self.tls.current().wrap_socket(request, server_side=True)
         except (OSError, ValueError) as error:
-            log.info("%s TLS handshake failed: %s", client_address[0], error)
+            if not slot.closed:
+                log.info("%s TLS handshake failed: %s", client_address[0], error)
             return
         try:
-            self.RequestHandlerClass(tls, client_address, self, directory=self.tree.root)
+            self.RequestHandlerClass(tls, client_address, self, directory=self.tree.root,
+                                     slot=slot)
         finally:
             self.shutdown_request(tls)
+
+    # Shutdown: stop accepting, close waiting connections, let requests finish ---------
+
+    def shutdown(self):
+        with self._slots_changed:
+            self.stopping = True
+            self._slots_changed.notify_all()  # an accept loop waiting for a slot gives up
+        super().shutdown()
+
+    def drain(self, timeout):
+        """After shutdown(): close waiting connections, let requests in flight finish;
+        returns how many were still busy when the time was up."""
+        self.stopping = True
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._slots_changed:
+                slots = list(self._slots)
+            if not slots or time.monotonic() >= deadline:
+                return len(slots)
+            for slot in slots:
+                if slot.waiting:
+                    slot.close_under()
+            time.sleep(0.05)
 
     def handle_error(self, request, client_address):
         error = sys.exc_info()[1]
@@ -1385,27 +1516,47 @@ def build_server(args):
                               handshake_timeout=args.handshake_timeout,
                               header_timeout=args.header_timeout,
                               idle_timeout=args.idle_timeout,
-                              send_timeout=args.send_timeout)
+                              send_timeout=args.send_timeout,
+                              verify_always=args.verify == "always")
     except OSError as error:
         raise ConfigError("cannot listen on %s: %s" % (args.listen, error.strerror or error))
 
 
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+def record_signals(signums):
+    """Install handlers that only record: each signal is queued, and the serving loop
+    acts on it outside the handler, so a storm of them can neither re-enter a reload
+    nor take a lock that the interrupted code holds. Returns the queue."""
+    arrived = queue.SimpleQueue()  # put() is safe to call from a signal handler
+    for signum in signums:
+        signal.signal(signum, lambda signum, _frame: arrived.put(signum))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, signums)  # blocked across a fork
+    return arrived
+
+
+def take_signals(arrived, timeout=None):
+    """The set of signals recorded, waiting up to timeout for the first; a burst of one
+    signal counts once."""
+    try:
+        signums = {arrived.get(timeout=timeout)}
+    except queue.Empty:
+        return set()
+    with contextlib.suppress(queue.Empty):
+        while True:
+            signums.add(arrived.get_nowait())
+    return signums
+
+
+def signal_name(signums):
+    return signal.Signals(min(signums)).name
+
+
 def serve_until_signalled(server, shutdown_timeout):
-    def stop(signum, _frame):
-        log.info("received %s, stopping", signal.Signals(signum).name)
-        notify_systemd("STOPPING=1")
-        # shutdown() waits for serve_forever() to return, so it cannot run on its thread.
-        threading.Thread(target=server.shutdown, daemon=True).start()
-
-    def reload(_signum, _frame):
-        notify_systemd("RELOADING=1\nMONOTONIC_USEC=%d" % (time.monotonic() * 1e6))
-        if server.tls:
-            server.tls.reload()
-        notify_systemd("READY=1")
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGHUP, reload)
+    arrived = record_signals(HANDLED_SIGNALS)
+    threading.Thread(target=act_on_signals, args=(server, arrived), daemon=True).start()
     notify_systemd("READY=1")
     try:
         server.serve_forever()
@@ -1417,57 +1568,109 @@ def serve_until_signalled(server, shutdown_timeout):
         server.server_close()
 
 
+def act_on_signals(server, arrived):
+    """The serving process's signal loop: reload on SIGHUP, stop on SIGTERM or SIGINT."""
+    while True:
+        signums = take_signals(arrived)
+        if signums & STOP_SIGNALS:
+            log.info("received %s, stopping", signal_name(signums & STOP_SIGNALS))
+            notify_systemd("STOPPING=1")
+            server.shutdown()  # returns once serve_forever() has
+            return
+        notify_systemd("RELOADING=1\nMONOTONIC_USEC=%d" % (time.monotonic() * 1e6))
+        if server.tls:
+            server.tls.reload()
+        notify_systemd("READY=1")
+
+
 def serve_workers(server, count, shutdown_timeout):
     """Pre-fork: count processes accept on the one listening socket, each with its own
     threads, so requests use every core instead of contending for one GIL. The parent
-    only supervises: it forwards signals, speaks to systemd and replaces a worker that dies."""
+    only supervises: it forwards signals, speaks to systemd and replaces a worker that
+    ends, however it ends, until it is stopping itself."""
     server.socket.setblocking(False)  # a worker that loses the race for a connection moves on
-    workers, stopping = set(), []
+    arrived = record_signals(HANDLED_SIGNALS + (signal.SIGCHLD,))
+    workers = {}  # pid -> when it started
 
     def spawn():
+        # Signals stay blocked across the fork until the worker has handlers of its own:
+        # one arriving in between would land in the parent's queue, copied, and be lost.
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
         pid = os.fork()
-        if pid:
-            workers.add(pid)
-            return
-        os.environ.pop("NOTIFY_SOCKET", None)  # only the parent speaks to systemd
-        code = 1
-        try:
-            serve_until_signalled(server, shutdown_timeout)
-            code = 0
-        except Exception:
-            log.exception("worker %d failed", os.getpid())
-        finally:
-            os._exit(code)  # never return into the parent's code
+        if pid == 0:
+            run_worker(server, shutdown_timeout)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+        workers[pid] = time.monotonic()
 
-    def forward(signum, _frame):
-        if signum == signal.SIGHUP:
-            notify_systemd("RELOADING=1\nMONOTONIC_USEC=%d" % (time.monotonic() * 1e6))
-        elif not stopping:
-            log.info("received %s, stopping %d workers", signal.Signals(signum).name, count)
-            notify_systemd("STOPPING=1")
-            stopping.append(signum)
+    def forward(signum):
         for pid in workers:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM if signum == signal.SIGINT else signum)
-        if signum == signal.SIGHUP:
-            notify_systemd("READY=1")
+                os.kill(pid, signum)
 
     for _ in range(count):
         spawn()
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, forward)
     notify_systemd("READY=1")
-    failed = False
+    stopping = failed = False
     while workers:
-        pid, status = os.wait()
-        workers.discard(pid)
-        if status and not stopping:
-            log.error("worker %d died (wait status %d); starting another", pid, status)
-            time.sleep(1)  # a worker that dies at once must not become a fork loop
+        signums = take_signals(arrived, timeout=1.0)
+        if signums & STOP_SIGNALS and not stopping:
+            stopping = True
+            log.info("received %s, stopping %d workers",
+                     signal_name(signums & STOP_SIGNALS), count)
+            notify_systemd("STOPPING=1")
+            forward(signal.SIGTERM)
+        elif signal.SIGHUP in signums and not stopping:
+            notify_systemd("RELOADING=1\nMONOTONIC_USEC=%d" % (time.monotonic() * 1e6))
+            forward(signal.SIGHUP)
+            notify_systemd("READY=1")
+        for pid, status in ended_children():
+            started = workers.pop(pid, None)
+            if started is None:
+                continue
+            if stopping:
+                failed = failed or status != 0
+                continue
+            log.error("worker %d ended (wait status %d); starting another", pid, status)
+            if time.monotonic() - started < 1:
+                time.sleep(1)  # a worker that ends at once must not become a fork loop
             spawn()
-        failed = failed or bool(status and stopping)
     server.server_close()
     return 1 if failed else 0
+
+
+def run_worker(server, shutdown_timeout):
+    """A forked worker's whole life; it never returns into the parent's code."""
+    os.environ.pop("NOTIFY_SOCKET", None)  # only the parent speaks to systemd
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    code = 1
+    try:
+        serve_until_signalled(server, shutdown_timeout)
+        code = 0
+    except Exception:
+        log.exception("worker %d failed", os.getpid())
+    finally:
+        os._exit(code)
+
+
+def ended_children():
+    """(pid, wait status) of every child that has ended, without waiting."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        yield pid, status
+
+
+def raise_open_file_limit():
+    """Each connection is a descriptor: take the hard limit, as Go servers do, so the
+    connection limit is --max-connections and not a soft default of 1024 files."""
+    with contextlib.suppress(ValueError, OSError):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 # --- Command line --------------------------------------------------------------------
@@ -1523,6 +1726,11 @@ def make_parser():
     limits.add_argument("--shutdown-timeout", type=seconds, default=30.0, metavar="SECONDS",
                         help="on SIGTERM, time given to transfers in flight (default: "
                              "%(default)s)")
+    parser.add_argument("--verify", choices=("first", "always"), default="first",
+                        help="hash a blob as it is sent: on its first whole GET (then "
+                             "trusted while its file keeps its inode, size and mtime), or on "
+                             "every whole GET, which also catches a file changed in place "
+                             "(default: %(default)s)")
     check = parser.add_argument_group("integrity check (instead of serving)")
     check.add_argument("--check", action="store_true",
                        help="verify the tree under --root offline and exit: 0 if sound, 1 if not")
@@ -1556,6 +1764,7 @@ def main(argv=None):
         result = TreeCheck(args.root, args.deep).run()
         print(result.as_json() if args.json else result.report())
         return 1 if result.problems else 0
+    raise_open_file_limit()
     try:
         server = build_server(args)
     except ConfigError as error:
