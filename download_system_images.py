@@ -26,6 +26,12 @@ PATH (--tool picks one). Without either, and without internet, --from-archive bu
 the same tree from docker-archive or oci-archive files such as the k3s airgap tarballs:
 
     python3 download_system_images.py --from-archive k3s-airgap-images-arm64.tar.zst
+
+Manifests, indexes and archives are treated as hostile: every document passes one gate
+(check_document) where it is parsed, so a digest, size, media type or platform of the
+wrong type or grammar fails that image with a message naming the field, and the tree
+writer refuses again any digest, repository or tag outside its grammar before it joins
+one to a path. Nothing is written or removed outside the tree.
  Image list format: one reference per line; blank lines and
 '#' comments are ignored.
 """
@@ -87,6 +93,12 @@ NAME_RE = re.compile(r"%s(?:/%s)*" % (_COMPONENT, _COMPONENT))
 TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 DIGEST_RE = re.compile(r"sha256:[a-f0-9]{64}")
 HOST_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::[0-9]{1,5})?")
+# A repository as the tree lays it out: trimmed, or with -n the registry host first.
+TREE_REPO_RE = re.compile(r"(?:%s/)?%s" % (HOST_RE.pattern, NAME_RE.pattern))
+# The platform fields the OCI image spec gives as lists; every other one is a string.
+PLATFORM_LIST_FIELDS = ("os.features", "features")
+# A JSON key that a message may show as it is; any other is quoted.
+FIELD_KEY_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 FULL_VERSION_RE = re.compile(r"v\d+\.\d+\.\d+\S*")
 # The default variant of an architecture, as containerd's platform matcher assumes it.
 DEFAULT_VARIANTS = {"arm64": "v8", "arm": "v7"}
@@ -243,6 +255,126 @@ def human_bytes(count):
         count /= 1000.0
 
 
+# --- The gate: JSON from outside, checked once where it is parsed ----------------------
+# Manifests, indexes and archive members come from an upstream or a file we did not write.
+# Their digests and names become file names in the tree, so each passes its grammar here,
+# before anything is built from it; deeper code (and TreeWriter, which checks again) may
+# then index them without a second thought.
+
+def parse_json(data, what):
+    """JSON from outside; any failure, deep nesting included, is a DownloadError naming it."""
+    try:
+        return json.loads(data)
+    except ValueError as error:
+        raise DownloadError("%s is not valid JSON: %s" % (what, error))
+    except RecursionError:
+        raise DownloadError("%s is not valid JSON: nested too deeply" % what)
+
+
+def matches(grammar, value):
+    """Whether value is a string that grammar accepts whole (a non-string never is)."""
+    return isinstance(value, str) and grammar.fullmatch(value) is not None
+
+
+def shown(value):
+    """A value from outside as a short one-line part of a message (repr escapes newlines)."""
+    if isinstance(value, dict):  # never repr a container: it may be huge or nested deeply
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    text = repr(value[:80] if isinstance(value, str) else value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def is_list_of_strings(value):
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def field_name(field, key):
+    """field.key for a message; a key from outside that is not a plain word is quoted."""
+    key = key if matches(FIELD_KEY_RE, key) else shown(key)
+    return "%s.%s" % (field, key) if field else key
+
+
+def strings_problem(mapping, field, list_fields=()):
+    """What is wrong with an object whose values must be strings, or for list_fields lists
+    of strings, as annotations and platforms are (None: nothing)."""
+    if not isinstance(mapping, dict):
+        return "%s is %s, not an object" % (field, shown(mapping))
+    for key, value in mapping.items():
+        if key in list_fields:
+            if not is_list_of_strings(value):
+                return "%s is %s, not a list of strings" % (field_name(field, key), shown(value))
+        elif not isinstance(value, str):
+            return "%s is %s, not a string" % (field_name(field, key), shown(value))
+    return None
+
+
+def descriptor_problem(descriptor, field=""):
+    """What is wrong with one content descriptor from outside (None: nothing).
+
+    Its digest becomes a file name, its size is compared with a file's, its platform is
+    matched: each must have the type and grammar the OCI image spec gives it first.
+    """
+    if not isinstance(descriptor, dict):
+        return "%s is %s, not an object" % (field or "it", shown(descriptor))
+    digest, size = descriptor.get("digest"), descriptor.get("size")
+    if not matches(DIGEST_RE, digest):
+        return "%s is %s, not sha256: and 64 lowercase hex digits" % (
+            field_name(field, "digest"), shown(digest))
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        return "%s is %s, not a size in bytes" % (field_name(field, "size"), shown(size))
+    if "mediaType" in descriptor and not isinstance(descriptor["mediaType"], str):
+        return "%s is %s, not a string" % (field_name(field, "mediaType"),
+                                           shown(descriptor["mediaType"]))
+    if "urls" in descriptor and not is_list_of_strings(descriptor["urls"]):
+        return "%s is %s, not a list of strings" % (field_name(field, "urls"),
+                                                    shown(descriptor["urls"]))
+    for key, list_fields in (("annotations", ()), ("platform", PLATFORM_LIST_FIELDS)):
+        problem = key in descriptor and strings_problem(descriptor[key], field_name(field, key),
+                                                        list_fields)
+        if problem:
+            return problem
+    return None
+
+
+def check_document(document, what):
+    """The gate for a parsed manifest or index: returns it if its shape and every
+    descriptor in it are sound, else raises DownloadError naming what and the field."""
+    if not isinstance(document, dict):
+        raise DownloadError("%s is %s, not a JSON object" % (what, shown(document)))
+    if "mediaType" in document and not isinstance(document["mediaType"], str):
+        raise DownloadError("%s: mediaType is %s, not a string"
+                            % (what, shown(document["mediaType"])))
+    try:
+        kind = manifest_kind(document)
+    except DownloadError as error:
+        raise DownloadError("%s: %s" % (what, error))
+    if kind == "index":
+        entries = document.get("manifests", [])
+        if not isinstance(entries, list):
+            raise DownloadError("%s: manifests is %s, not a list" % (what, shown(entries)))
+        descriptors = [("manifests[%d]" % n, entry) for n, entry in enumerate(entries)]
+    else:
+        if not isinstance(document["layers"], list):
+            raise DownloadError("%s: layers is %s, not a list"
+                                % (what, shown(document["layers"])))
+        descriptors = [("config", document["config"])]
+        descriptors += [("layers[%d]" % n, layer) for n, layer in enumerate(document["layers"])]
+    for field, descriptor in descriptors:
+        problem = descriptor_problem(descriptor, field)
+        if problem:
+            raise DownloadError("%s: %s" % (what, problem))
+    return document
+
+
+def digest_hex(digest):
+    """The hex part of a digest that is about to name a file; refuses any other text."""
+    if not matches(DIGEST_RE, digest):
+        raise DownloadError("refusing %s as a file name: not a sha256 digest" % shown(digest))
+    return digest.split(":", 1)[1]
+
+
 # --- The tools: one subprocess seam, then crane and skopeo ---------------------------
 
 class ToolError(DownloadError):
@@ -288,7 +420,7 @@ class Crane(Source):
     def fetch_blobs(self, image, manifest_digest, descriptors, workdir, jobs):
         """Download each blob to workdir/<hex>; returns {digest: path}."""
         def fetch(descriptor):
-            path = os.path.join(workdir, descriptor["digest"].split(":", 1)[1])
+            path = os.path.join(workdir, digest_hex(descriptor["digest"]))
             with open(path, "wb") as out:
                 run_tool([self.path, "blob"] + self.flags + [image.pinned(descriptor["digest"])],
                          stdout=out)
@@ -313,12 +445,12 @@ class Skopeo(Source):
 
     def fetch_blobs(self, image, manifest_digest, descriptors, workdir, jobs):
         """skopeo has no single-blob command: copy the whole image to a dir: layout."""
-        target = os.path.join(workdir, manifest_digest.split(":", 1)[1])
+        target = os.path.join(workdir, digest_hex(manifest_digest))
+        paths = {d["digest"]: os.path.join(target, digest_hex(d["digest"])) for d in descriptors}
         flags = ["--src-tls-verify=false"] if self.insecure else []
         run_tool([self.path, "copy", "--quiet", "--preserve-digests"] + flags +
                  ["docker://" + image.pinned(manifest_digest), "dir:" + target])
-        return {d["digest"]: os.path.join(target, d["digest"].split(":", 1)[1])
-                for d in descriptors}
+        return paths
 
 
 TOOLS = {"crane": Crane, "skopeo": Skopeo}
@@ -410,11 +542,47 @@ def unpack_archive(path, dest):
 def read_json_member(files, name, archive):
     try:
         with open(files[name], "rb") as f:
-            return json.loads(f.read())
+            data = f.read()
     except KeyError:
         raise DownloadError("%s: %s is not in the archive" % (archive, name))
-    except ValueError as error:
-        raise DownloadError("%s: %s is not valid JSON: %s" % (archive, name, error))
+    return parse_json(data, "%s: %s" % (archive, name))
+
+
+def oci_index_entries(document, archive):
+    """The manifests list of an OCI layout's index.json; a wrong shape fails the archive."""
+    if not isinstance(document, dict):
+        raise DownloadError("%s: index.json is %s, not a JSON object"
+                            % (archive, shown(document)))
+    entries = document.get("manifests")
+    if entries is None:
+        return []
+    if not isinstance(entries, list):
+        raise DownloadError("%s: index.json: manifests is %s, not a list"
+                            % (archive, shown(entries)))
+    return entries
+
+
+def docker_archive_entries(document, archive):
+    """The entries of a Docker archive's manifest.json; a wrong shape fails the archive."""
+    if not isinstance(document, list):
+        raise DownloadError("%s: manifest.json is %s, not a list of images"
+                            % (archive, shown(document)))
+    return document
+
+
+def docker_entry_problem(entry):
+    """What is wrong with one manifest.json entry (None: nothing). Its Config and Layers
+    name archive members, its RepoTags the images: each must be the type docker save writes."""
+    if not isinstance(entry, dict):
+        return "it is %s, not an object" % shown(entry)
+    if not isinstance(entry.get("Config"), str):
+        return "Config is %s, not the name of a member" % shown(entry.get("Config"))
+    layers, tags = entry.get("Layers"), entry.get("RepoTags")
+    if layers is not None and not is_list_of_strings(layers):
+        return "Layers is %s, not a list of member names" % shown(layers)
+    if tags is not None and not is_list_of_strings(tags):
+        return "RepoTags is %s, not a list of image names" % shown(tags)
+    return None
 
 
 def layer_media_type(path):
@@ -468,11 +636,15 @@ class ArchiveSource(Source):
 
     def _oci_images(self, path, files):
         images = []
-        entries = read_json_member(files, "index.json", path).get("manifests") or []
+        entries = oci_index_entries(read_json_member(files, "index.json", path), path)
         for number, entry in enumerate(entries, 1):
             where = "%s, index.json entry %d" % (path, number)
+            problem = descriptor_problem(entry)
+            if problem:
+                self.problems.append((where, problem))
+                continue
             name = oci_image_name(entry.get("annotations"))
-            digest = entry.get("digest")
+            digest = entry["digest"]
             if not name:
                 self.problems.append((where, "no image name in its annotations (%s)"
                                       % ", ".join(IMAGE_NAME_ANNOTATIONS)))
@@ -484,16 +656,20 @@ class ArchiveSource(Source):
 
     def _docker_images(self, path, files):
         images = []
-        for number, entry in enumerate(read_json_member(files, "manifest.json", path), 1):
+        entries = docker_archive_entries(read_json_member(files, "manifest.json", path), path)
+        for number, entry in enumerate(entries, 1):
             where = "%s, manifest.json entry %d" % (path, number)
-            members = [entry.get("Config")] + list(entry.get("Layers") or [])
-            absent = [m for m in members if m not in files]
+            problem = docker_entry_problem(entry)
+            if problem:
+                self.problems.append((where, problem))
+                continue
+            layers = entry.get("Layers") or []
+            absent = [m for m in [entry["Config"]] + layers if m not in files]
             if absent:
-                self.problems.append((where, "%s is not in the archive" % absent[0]))
+                self.problems.append((where, "%s is not in the archive" % shown(absent[0])))
                 continue
             descriptors = [self._blob(files[entry["Config"]], DOCKER_CONFIG)]
-            descriptors += [self._blob(files[m], layer_media_type(files[m]))
-                            for m in entry["Layers"]]
+            descriptors += [self._blob(files[m], layer_media_type(files[m])) for m in layers]
             body = json.dumps({"schemaVersion": 2, "mediaType": DOCKER_MANIFEST,
                                "config": descriptors[0], "layers": descriptors[1:]},
                               indent=3).encode()
@@ -590,7 +766,14 @@ def file_digest(path):
 
 
 class TreeWriter:
-    """Writes manifests, blobs and tags into a registry tree, never a partial file."""
+    """Writes manifests, blobs and tags into a registry tree, never a partial file.
+
+    Every name joins the tree in _path_for, which refuses text outside its grammar:
+    the gate has checked it already, and this makes sure no missed check can ever reach
+    (or remove) a file outside the root.
+    """
+
+    NAME_GRAMMARS = {"blob": DIGEST_RE, "manifest": DIGEST_RE, "tag": TAG_RE}
 
     def __init__(self, root):
         self.root = os.path.abspath(root)
@@ -613,12 +796,28 @@ class TreeWriter:
     def close(self):
         shutil.rmtree(self.workdir, ignore_errors=True)
 
+    def _repo_dir(self, repo):
+        if not matches(TREE_REPO_RE, repo):
+            raise DownloadError("refusing repository name %s: not a valid repository name"
+                                % shown(repo))
+        return os.path.join(self.root, *repo.split("/"))
+
+    def _path_for(self, kind, name, repo=None):
+        """ROOT/blobs/<digest> or ROOT/<repo>/manifests/<digest or tag>: the one place a
+        name becomes a path in the tree, after its grammar accepts it."""
+        if not matches(self.NAME_GRAMMARS[kind], name):
+            raise DownloadError("refusing %s name %s: not a valid %s"
+                                % (kind, shown(name), "tag" if kind == "tag" else "digest"))
+        if kind == "blob":
+            return os.path.join(self.blob_dir, name)
+        return os.path.join(self._repo_dir(repo), "manifests", name)
+
     def has_blob(self, descriptor):
         """Present with the right size and digest (hashed once per run)."""
         digest = descriptor["digest"]
         if digest in self._verified:
             return True
-        path = os.path.join(self.blob_dir, digest)
+        path = self._path_for("blob", digest)
         try:
             if os.path.getsize(path) != descriptor["size"] or file_digest(path) != digest:
                 log.warning("blob %s in the store is damaged; fetching it again", path)
@@ -632,18 +831,26 @@ class TreeWriter:
     def place_blob(self, descriptor, downloaded):
         """Verify a downloaded blob, then move it into the shared store."""
         digest = descriptor["digest"]
+        path = self._path_for("blob", digest)
         size = os.path.getsize(downloaded)
         actual = file_digest(downloaded)
         if actual != digest or size != descriptor["size"]:
             raise DownloadError("blob %s arrived as %s (%d bytes, %d expected)"
                                 % (digest, actual, size, descriptor["size"]))
         os.chmod(downloaded, 0o644)
-        os.replace(downloaded, os.path.join(self.blob_dir, digest))
+        os.replace(downloaded, path)
         self._verified.add(digest)
         return size
 
+    def save_blob(self, data):
+        """Write a blob made here (the demo image); returns its digest."""
+        digest = sha256_digest(data)
+        write_atomic(self._path_for("blob", digest), data)
+        return digest
+
     def link_blobs(self, repo):
         """ROOT/a/b/blobs -> ../blobs and ROOT/a/blobs -> ../blobs, as the original lays out."""
+        self._repo_dir(repo)  # refuses a name outside the grammar before any link is made
         parts = repo.split("/")
         for depth in range(len(parts), 0, -1):
             link = os.path.join(self.root, *parts[:depth], "blobs")
@@ -653,18 +860,19 @@ class TreeWriter:
 
     def save_manifest(self, repo, body):
         digest = sha256_digest(body)
-        path = os.path.join(self.root, repo, "manifests", digest)
+        path = self._path_for("manifest", digest, repo)
         if not (os.path.isfile(path) and file_digest(path) == digest):
             write_atomic(path, body)
         return digest
 
     def link_tag(self, repo, tag, digest):
         """Point the tag at its manifest last, so a tag never names missing content."""
-        path = os.path.join(self.root, repo, "manifests", tag)
+        path = self._path_for("tag", tag, repo)
+        target = os.path.basename(self._path_for("manifest", digest, repo))
         temp = os.path.join(os.path.dirname(path), ".%s.%d.tmp" % (tag, os.getpid()))
         if os.path.lexists(temp):
             os.unlink(temp)
-        os.symlink(digest, temp)
+        os.symlink(target, temp)
         os.replace(temp, path)
 
 
@@ -693,15 +901,13 @@ class Downloader:
         self.jobs = jobs
 
     def fetch_manifest(self, reference, expected=None):
+        """(bytes, digest, document) of a manifest or index, which has passed the gate."""
         body = self.tool.manifest(reference)
         digest = sha256_digest(body)
         if expected and digest != expected:
             raise DownloadError("manifest %s arrived with digest %s" % (reference, digest))
-        try:
-            document = json.loads(body)
-        except ValueError:
-            raise DownloadError("manifest %s is not JSON" % reference)
-        return body, digest, document
+        what = "manifest %s" % reference
+        return body, digest, check_document(parse_json(body, what), what)
 
     def resolve(self, image, where):
         reference = image.pinned(image.digest) if image.digest else str(image)
@@ -725,6 +931,11 @@ class Downloader:
                               for c in document.get("manifests", []))))
             manifests += [self.fetch_manifest(image.pinned(c["digest"]), c["digest"])
                           for c in children]
+            nested = [digest for _, digest, child in manifests[1:]
+                      if manifest_kind(child) != "manifest"]
+            if nested:
+                raise DownloadError("index %s names another index, %s; an index of indexes "
+                                    "is not supported" % (resolved.digest, nested[0]))
         new = reused = fetched = 0
         for _, digest, child in manifests[1:] if is_index else manifests:
             descriptors = blob_descriptors(child)
@@ -794,8 +1005,9 @@ def download_all(downloader, images):
             continue
         try:
             result = downloader.download(item)
-        except DownloadError as error:
-            result = Result(item.image, False, str(error), 0, 0, 0)
+        except (DownloadError, OSError) as error:
+            # OSError: the tree could not take it (disk full, a name that is a file there).
+            result = Result(item.image, False, "%s (%s)" % (error, item.where), 0, 0, 0)
             log.error("%s: %s", item.image, error)
         else:
             named = item.image._replace(digest=None) if item.image.tag else item.image
@@ -834,8 +1046,7 @@ def write_demo_image(root):
         descriptors = []
         for data, media_type in ((config, "application/vnd.oci.image.config.v1+json"),
                                  (layer, "application/vnd.oci.image.layer.v1.tar+gzip")):
-            write_atomic(os.path.join(writer.blob_dir, sha256_digest(data)), data)
-            descriptors.append({"mediaType": media_type, "digest": sha256_digest(data),
+            descriptors.append({"mediaType": media_type, "digest": writer.save_blob(data),
                                 "size": len(data)})
         manifest = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
                                "config": descriptors[0], "layers": descriptors[1:]}).encode()

@@ -731,16 +731,23 @@ class Tree:
         return sound
 
     def tags(self, name, ns=None):
-        tags = set()
+        """Every tag of the repository; NAME_UNKNOWN if none of its directories has a
+        manifests folder inside the root that can be listed."""
+        tags, listed = set(), False
         for repo in self.repo_dirs(name, ns):
             manifests = self.manifests_dir(repo)
             try:
-                entries = os.listdir(manifests) if manifests else []
+                entries = os.listdir(manifests) if manifests else None
             except OSError as error:
                 self.warn_once(("unlisted", manifests), None, logging.WARNING,
                                "cannot list %s: %s", manifests, error.strerror)
                 continue
-            tags.update(e for e in entries if TAG_RE.fullmatch(e))
+            if entries is not None:
+                listed = True
+                tags.update(e for e in entries if TAG_RE.fullmatch(e))
+        if not listed:
+            raise RegistryError(HTTPStatus.NOT_FOUND, "NAME_UNKNOWN",
+                                "repository name not known to registry", {"name": name})
         return sorted(tags)
 
     def repositories(self):

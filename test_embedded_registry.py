@@ -6,6 +6,7 @@ ctr, podman) are used where installed; with REQUIRE_REAL_CLIENTS=1 a missing one
 """
 
 import contextlib
+import copy
 import gzip
 import hashlib
 import http.client
@@ -13,6 +14,7 @@ import io
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import signal
@@ -341,12 +343,18 @@ def test_media_type_of(document, expected):
     ("bytes=5-2", 10, None),
     ("bytes=x-", 10, None),
     ("bytes=-", 10, None),
+    # Only ASCII digits, of any length: never an exception.
+    ("bytes=\u00b2-", 10, None),
+    ("bytes=\u0661-", 10, None),
+    ("bytes=0-" + "9" * 5000, 10, (0, 9)),
+    ("bytes=-" + "9" * 5000, 10, (0, 9)),
 ])
 def test_parse_range(header, size, expected):
     assert er.parse_range(header, size) == expected
 
 
-@pytest.mark.parametrize("header, size", [("bytes=10-", 10), ("bytes=-0", 10), ("bytes=0-", 0)])
+@pytest.mark.parametrize("header, size", [("bytes=10-", 10), ("bytes=-0", 10), ("bytes=0-", 0),
+                                          ("bytes=%s-" % ("9" * 5000), 10)])
 def test_parse_range_unsatisfiable(header, size):
     with pytest.raises(er.RegistryError) as caught:
         er.parse_range(header, size)
@@ -606,19 +614,31 @@ def test_manifest_changes_are_seen(tmp_path):
 # --- The command line, as a subprocess ------------------------------------------------
 
 @contextlib.contextmanager
-def server_process(*args):
-    """embedded_registry.py as a subprocess on port 0; yields (process, base URL)."""
+def server_process(*args, drain=False):
+    """embedded_registry.py as a subprocess on port 0; yields (process, base URL).
+
+    With drain, a thread reads its log as it comes (into process.log_lines), so a
+    test that makes thousands of requests never blocks the server on a full pipe.
+    """
     argv = [sys.executable, os.path.join(HERE, "embedded_registry.py"),
             "--listen", "127.0.0.1:0"] + list(args)
     process = subprocess.Popen(argv, stderr=subprocess.PIPE, universal_newlines=True)
+    reader = None
     try:
         line = process.stderr.readline()
         match = re.search(r"serving (\S+)/v2/", line)
         assert match, "no start-up line: %r" % line
+        if drain:
+            process.log_lines = []
+            reader = threading.Thread(target=lambda: process.log_lines.extend(process.stderr),
+                                      daemon=True)
+            reader.start()
         yield process, match.group(1)
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(10)
+        if reader:
+            reader.join(10)
         process.stderr.close()
 
 
@@ -2012,3 +2032,1033 @@ def test_failover_to_the_second_registry(fixture, tls, containerd, tmp_path):
     for image, (digest, _, _) in fixture.images.items():
         assert pulled["%s/%s" % (MIRROR, image)] == digest
     assert "/manifests/" in logs[1].read_text()
+
+
+# --- Hardening: hostile trees ----------------------------------------------------------
+
+def count_lines(text, *needles):
+    return sum(1 for line in text.splitlines() if all(n in line for n in needles))
+
+
+@pytest.mark.parametrize("link", ["symlink", "hard link"])
+@pytest.mark.parametrize("first", ["true name", "false name"])
+@pytest.mark.parametrize("size", [100 * 1024, 3 * 1024 * 1024 + 5])
+def test_a_link_never_lends_or_takes_a_verdict(tmp_path, caplog, link, first, size):
+    """ROOT/blobs/A is a link to blob B's sound file: A is never served, B always is."""
+    builder = TreeBuilder(tmp_path)
+    true = builder.blob(os.urandom(size), "application/octet-stream")
+    false_digest = sha256(b"another blob")
+    blobs = tmp_path / "blobs"
+    if link == "symlink":
+        os.symlink(true["digest"], str(blobs / false_digest))
+    else:
+        os.link(str(blobs / true["digest"]), str(blobs / false_digest))
+    builder.link_blobs("app")
+    true_url, false_url = "/v2/app/blobs/" + true["digest"], "/v2/app/blobs/" + false_digest
+
+    def assert_true_served(server):
+        status, _, body = fetch(connect(server), "GET", true_url)
+        assert status == 200 and sha256(body) == true["digest"]
+
+    def assert_false_refused(server):
+        status, length, body = read_cut(connect(server), false_url)
+        assert status == 404 or len(body) < length  # never a complete wrong blob
+        assert fetch(connect(server), "GET", false_url)[0] == 404
+
+    with caplog.at_level(logging.INFO, logger="embedded_registry"):
+        with serving(tmp_path) as server:
+            if first == "true name":
+                assert_true_served(server)
+                assert_false_refused(server)
+            else:
+                assert_false_refused(server)
+            assert_true_served(server)
+            assert_true_served(server)
+    assert "Traceback" not in caplog.text
+
+
+def test_listings_obey_the_root(tmp_path, caplog):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    TreeBuilder(root).image("good/app", "amd64", tag="1")
+    outside.mkdir()
+    (outside / "secret-name").write_text("x")
+    os.makedirs(str(root / "leak"))
+    os.symlink(str(outside), str(root / "leak" / "manifests"))
+    with caplog.at_level(logging.INFO, logger="embedded_registry"):
+        with serving(root) as server:
+            conn = connect(server)
+            for _ in range(3):
+                status, _, body = fetch(conn, "GET", "/v2/leak/tags/list")
+                assert status == 404 and b"secret-name" not in body
+                assert json.loads(body)["errors"][0]["code"] == "NAME_UNKNOWN"
+                status, _, body = fetch(conn, "GET", "/v2/_catalog")
+                assert status == 200 and json.loads(body)["repositories"] == ["good/app"]
+    assert count_lines(caplog.text, str(root / "leak" / "manifests"),
+                       "resolves outside the root") == 1
+    result = check(root)
+    assert result.returncode == 1 and "leads outside the root" in result.stdout
+
+
+def test_fifos_in_the_tree_never_block(tmp_path, caplog):
+    builder = TreeBuilder(tmp_path)
+    builder.image("app", "amd64", tag="1")
+    fifo_blob = sha256(b"a fifo")
+    os.mkfifo(str(tmp_path / "blobs" / fifo_blob))
+    os.mkfifo(str(tmp_path / "app" / "manifests" / "pipe"))
+    os.mkfifo(str(tmp_path / "app" / "manifests" / sha256(b"another fifo")))
+    with caplog.at_level(logging.INFO, logger="embedded_registry"):
+        with serving(tmp_path, max_connections=4) as server:
+            for _ in range(3):
+                for path in ("/v2/app/blobs/" + fifo_blob, "/v2/app/manifests/pipe",
+                             "/v2/app/manifests/" + sha256(b"another fifo")):
+                    assert fetch(connect(server), "GET", path)[0] == 404
+            assert fetch(connect(server), "GET", "/v2/")[0] == 200
+    assert count_lines(caplog.text, fifo_blob, "not a regular file") == 1
+    result = check(tmp_path)  # check() itself has a time limit
+    assert result.returncode == 1
+    assert count_lines(result.stdout, "pipe", "not a regular file") == 1
+
+
+@contextlib.contextmanager
+def directory_chain(top, depth):
+    """top/d/d/.../d, depth levels, made and removed one level at a time (recursive
+    makedirs and rmtree would hit Python's recursion limit)."""
+    cwd = os.getcwd()
+    os.mkdir(top)
+    try:
+        os.chdir(top)
+        for _ in range(depth):
+            os.mkdir("d")
+            os.chdir("d")
+    finally:
+        os.chdir(cwd)
+    try:
+        yield
+    finally:
+        os.chdir(top)
+        for _ in range(depth - 1):
+            os.chdir("d")
+        for _ in range(depth):
+            os.rmdir("d")
+            os.chdir("..")
+        os.chdir(cwd)
+
+
+def test_deep_trees_and_deep_documents(tmp_path, caplog):
+    builder = TreeBuilder(tmp_path)
+    builder.image("good/app", "amd64", tag="1")
+    nested = b"[" * 100000 + b"]" * 100000
+    (tmp_path / "good" / "app" / "manifests" / "nested").write_bytes(nested)
+    with directory_chain(str(tmp_path / "deep"), 1100):
+        with caplog.at_level(logging.INFO, logger="embedded_registry"):
+            with serving(tmp_path) as server:
+                conn = connect(server)
+                status, _, body = fetch(conn, "GET", "/v2/_catalog")
+                assert status == 200 and json.loads(body)["repositories"] == ["good/app"]
+                for _ in range(3):
+                    assert fetch(conn, "GET", "/v2/good/app/manifests/nested")[0] == 404
+        result = check(tmp_path)
+    assert count_lines(caplog.text, "nested", "nested too deeply") == 1
+    assert "Traceback" not in caplog.text and "RecursionError" not in caplog.text
+    assert result.returncode == 1
+    assert "nested too deeply" in result.stdout and "deeper than any repository" in result.stdout
+
+
+SHAPES = {
+    "manifests a string": lambda m, i: i.update(manifests="abc"),
+    "manifests of numbers": lambda m, i: i.update(manifests=[1, 2]),
+    "layers a number": lambda m, i: m.update(layers=5),
+    "config digest a number": lambda m, i: m["config"].update(digest=123),
+    "digest a list": lambda m, i: m["layers"][0].update(digest=["sha256:00"]),
+    "platform os a number": lambda m, i: i["manifests"][0]["platform"].update(os=5),
+    "digest a path": lambda m, i: m["layers"][0].update(digest="../../../etc/passwd"),
+    "size a string": lambda m, i: m["layers"][0].update(size="12"),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_check_reports_every_shape_of_manifest(tmp_path, shape):
+    builder = TreeBuilder(tmp_path)
+    _, _, children = builder.index("app", "1", ["amd64"])
+    manifest_path = tmp_path / "app" / "manifests" / children[0]
+    manifest = json.loads(manifest_path.read_bytes())
+    index = json.loads((tmp_path / "app" / "manifests" / "1").read_bytes())
+    SHAPES[shape](manifest, index)
+    # Written under new digests: the shape, not the name, is what is wrong.
+    builder.manifest("app", json.dumps(manifest).encode(), tag="single")
+    builder.manifest("app", json.dumps(index).encode(), tag="index")
+    result = check(tmp_path, "--deep")
+    assert result.returncode == 1, result.stdout
+    assert " has " in result.stdout, result.stdout
+
+
+@pytest.fixture()
+def unprivileged():
+    """A world-readable copy of the server and a tree folder, to run --check as nobody."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run --check as another user")
+    python = "/usr/bin/python3"
+    if not os.path.exists(python):
+        pytest.skip("needs /usr/bin/python3, which the user nobody can run")
+    base = tempfile.mkdtemp(prefix="er-nobody-")
+    os.chmod(base, 0o755)
+    shutil.copy(os.path.join(HERE, "embedded_registry.py"), base)
+
+    def check_as_nobody(root, *flags):
+        result = subprocess.run(
+            [python, os.path.join(base, "embedded_registry.py"), "--check", "--root", root]
+            + list(flags), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            universal_newlines=True, timeout=60, user="nobody")
+        assert "Traceback" not in result.stderr, result.stderr
+        return result
+
+    yield base, check_as_nobody
+    shutil.rmtree(base)
+
+
+@pytest.mark.parametrize("unreadable", ["root", "repository", "manifests", "blob"])
+def test_check_reports_what_its_user_cannot_read(unprivileged, unreadable):
+    base, check_as_nobody = unprivileged
+    root = os.path.join(base, "tree")
+    builder = TreeBuilder(root)
+    _, digest = builder.image("app", "amd64", tag="1")
+    for top, dirs, files in os.walk(root):
+        for name in dirs + files:
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(os.path.join(top, name), 0o755 if name in dirs else 0o644)
+    os.chmod(root, 0o755)
+    assert check_as_nobody(root, "--deep").returncode == 0
+    layer = json.loads(open(os.path.join(root, "app", "manifests", digest), "rb").read())[
+        "layers"][0]["digest"]
+    target = {"root": root, "repository": os.path.join(root, "app"),
+              "manifests": os.path.join(root, "app", "manifests"),
+              "blob": os.path.join(root, "blobs", layer)}[unreadable]
+    os.chmod(target, 0o600 if unreadable == "blob" else 0o700)
+    for flags in ([], ["--deep"]):
+        result = check_as_nobody(root, *flags)
+        assert result.returncode == 1, (flags, result.stdout)
+        assert "Permission denied" in result.stdout, result.stdout
+
+
+def test_refusals_are_logged_once_per_file(tmp_path, caplog):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    builder = TreeBuilder(root)
+    body, digest = builder.image("app", "amd64", tag="1")
+    outside.mkdir()
+    (outside / "x").write_bytes(b"{}")
+    os.symlink(str(outside / "x"), str(root / "app" / "manifests" / "out"))
+    wrong = sha256(b"not this manifest")
+    os.symlink(digest, str(root / "app" / "manifests" / wrong))  # hashes to another digest
+    corrupt = builder.blob(os.urandom(1000), "application/octet-stream")
+    flip_a_bit(root / "blobs" / corrupt["digest"])
+    with caplog.at_level(logging.INFO, logger="embedded_registry"):
+        with serving(root) as server:
+            conn = connect(server)
+            for _ in range(5):
+                for path in ("/v2/app/manifests/out", "/v2/app/manifests/" + wrong,
+                             "/v2/app/blobs/" + corrupt["digest"]):
+                    assert fetch(conn, "GET", path)[0] == 404
+    assert count_lines(caplog.text, "resolves outside the root") == 1
+    assert count_lines(caplog.text, "does not hash to " + wrong) == 1
+    assert count_lines(caplog.text, corrupt["digest"], "WARNING") + count_lines(
+        caplog.text, corrupt["digest"], "ERROR") == 1
+
+
+# --- Hardening: hostile clients --------------------------------------------------------
+
+@pytest.mark.parametrize("value", ["bytes=0-" + "9" * 5000, "bytes=%s-" % ("9" * 5000),
+                                   "bytes=\u00b2-", "bytes=-" + "9" * 5000, "bytes=0-\u0661"])
+def test_range_values_always_get_an_answer(tmp_path, caplog, value):
+    builder = TreeBuilder(tmp_path)
+    descriptor = builder.blob(os.urandom(5000), "application/octet-stream")
+    builder.link_blobs("app")
+    request = ("GET /v2/app/blobs/%s HTTP/1.1\r\nHost: x\r\nRange: %s\r\nConnection: close"
+               "\r\n\r\n" % (descriptor["digest"], value)).encode("utf-8")
+    with caplog.at_level(logging.INFO, logger="embedded_registry"):
+        with serving(tmp_path) as server:
+            answer = raw_exchange(server, request)
+    assert answer.split(b" ", 2)[1] in (b"200", b"206", b"416"), answer[:100]
+    assert "failed" not in caplog.text and "Traceback" not in caplog.text
+
+
+@pytest.mark.parametrize("small", [True, False], ids=["small", "large"])
+def test_a_range_of_the_whole_blob_is_verified(tmp_path, small):
+    builder = TreeBuilder(tmp_path)
+    descriptor = builder.blob(os.urandom(1000 if small else 3 * 1024 * 1024),
+                              "application/octet-stream")
+    builder.link_blobs("app")
+    flip_a_bit(tmp_path / "blobs" / descriptor["digest"])
+    url = "/v2/app/blobs/" + descriptor["digest"]
+    with serving(tmp_path) as server:
+        conn = connect(server)
+        conn.request("GET", url, headers={"Range": "bytes=0-"})
+        response = conn.getresponse()
+        try:
+            body = response.read()
+        except http.client.IncompleteRead as cut:
+            body = cut.partial
+        assert response.status == 404 or len(body) < descriptor["size"]
+        assert fetch(connect(server), "GET", url)[0] == 404
+
+
+def test_malformed_targets_and_our_own_faults_get_answers(tmp_path, caplog):
+    TreeBuilder(tmp_path).image("app", "amd64", tag="1")
+    with caplog.at_level(logging.INFO, logger="embedded_registry"):
+        with serving(tmp_path) as server:
+            answer = raw_exchange(server, b"GET http://[::1/v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 400 ") and b'{"errors": [' in answer
+            answer = raw_exchange(server, b"GET http://x/v2/ HTTP/1.1\r\nHost: x\r\n"
+                                          b"Connection: close\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 200 ")
+
+            def broken(*args, **kwargs):
+                raise RuntimeError("the disk fell off")
+
+            server.tree.manifest = broken
+            answer = raw_exchange(server, b"GET /v2/app/manifests/1 HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 500 ") and b"Connection: close" in answer
+            assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["errors"]
+    assert count_lines(caplog.text, "the disk fell off") == 1
+    assert "Traceback" not in caplog.text
+
+
+@pytest.mark.parametrize("framing", [
+    b"Content-Length: %d\r\n\r\n",
+    b"Transfer-Encoding: chunked\r\n\r\n%x\r\n",
+])
+def test_a_request_body_is_never_read_as_a_request(tmp_path, framing):
+    TreeBuilder(tmp_path).image("app", "amd64", tag="1")
+    smuggled = b"GET /v2/_catalog HTTP/1.1\r\nHost: x\r\n\r\n"
+    request = b"GET /v2/ HTTP/1.1\r\nHost: x\r\n" + framing % len(smuggled) + smuggled
+    with serving(tmp_path) as server:
+        answer = raw_exchange(server, request)
+    assert answer.count(b"HTTP/1.1 ") == 1 and answer.startswith(b"HTTP/1.1 400 "), answer
+    assert b"repositories" not in answer
+
+
+def proc_status(pid, field):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def test_request_heads_are_bounded_in_size_and_memory(tmp_path):
+    TreeBuilder(tmp_path).image("app", "amd64", tag="1")
+    many = b"GET /v2/ HTTP/1.1\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"v" * 4000)
+                                              for i in range(20)) + b"\r\n"
+    with serving(tmp_path) as server:
+        assert raw_exchange(server, many).startswith(b"HTTP/1.1 431 ")
+    # 100 connections sending 99 headers of 65,000 bytes each, and holding on.
+    head = b"GET /v2/ HTTP/1.1\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"v" * 65000)
+                                              for i in range(99))
+    with server_process("--root", str(tmp_path), drain=True) as (process, url):
+        port = int(url.rsplit(":", 1)[1])
+        assert https_or_http_status(url, "/v2/") == 200
+        idle = proc_status(process.pid, "VmRSS")
+        held = []
+        try:
+            for _ in range(100):
+                sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+                held.append(sock)
+                with contextlib.suppress(OSError):
+                    sock.sendall(head)
+            peak = proc_status(process.pid, "VmHWM")
+        finally:
+            for sock in held:
+                sock.close()
+        assert https_or_http_status(url, "/v2/") == 200
+    grown = (peak - idle) / 1024.0
+    assert grown < 100, "peak RSS grew by %.0f MiB" % grown
+
+
+def https_or_http_status(url, path, ca=None):
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https":
+        context = ssl.create_default_context(cafile=ca)
+        conn = http.client.HTTPSConnection(parts.hostname, parts.port, context=context,
+                                           timeout=10)
+    else:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        return fetch(conn, "GET", path)[0]
+    finally:
+        conn.close()
+
+
+# --- Hardening: connections and signals ------------------------------------------------
+
+def signal_storm(pid, signums, count, gap=0.0015):
+    for number in range(count):
+        os.kill(pid, signums[number % len(signums)])
+        time.sleep(gap)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sighup_storms_leave_the_server_serving(fixture, tls, workers):
+    with server_process("--root", fixture.root, "--cert", tls["cert"], "--key", tls["key"],
+                        "--workers", workers, drain=True) as (process, url):
+        for _ in range(3):
+            signal_storm(process.pid, [signal.SIGHUP], 1000)
+            assert https_or_http_status(url, "/v2/library/multi/manifests/v1", tls["ca"]) == 200
+        signal_storm(process.pid, [signal.SIGHUP, signal.SIGTERM, signal.SIGINT], 300)
+        assert process.wait(30) == 0
+    assert "Traceback" not in "".join(process.log_lines)
+
+
+def test_silent_sockets_make_room_for_a_pull(fixture, tls, capsys):
+    """2,000 sockets that never send a byte, default limits: a request is still served."""
+    with server_process("--root", fixture.root, "--cert", tls["cert"], "--key", tls["key"],
+                        drain=True) as (process, url):
+        port = int(url.rsplit(":", 1)[1])
+        held = []
+        try:
+            for _ in range(2000):
+                held.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+            started = time.monotonic()
+            assert https_or_http_status(url, "/v2/library/multi/manifests/v1", tls["ca"]) == 200
+            elapsed = time.monotonic() - started
+        finally:
+            for sock in held:
+                sock.close()
+    with capsys.disabled():
+        print("\n[measured] a manifest GET beside 2,000 silent sockets: %.2fs" % elapsed)
+    assert elapsed < 3  # a blocked accept loop would wait out the 10 s handshake deadline
+
+
+def test_a_silent_connection_after_its_handshake_has_only_the_header_deadline(fixture, tls):
+    with server_process("--root", fixture.root, "--cert", tls["cert"], "--key", tls["key"],
+                        "--header-timeout", "1", "--idle-timeout", "60",
+                        "--max-connections", "4") as (process, url):
+        port = int(url.rsplit(":", 1)[1])
+        context = ssl.create_default_context(cafile=tls["ca"])
+        silent = [context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10),
+                                      server_hostname="127.0.0.1") for _ in range(8)]
+        try:
+            # Four hold every slot; the other four made room by closing the oldest.
+            assert https_or_http_status(url, "/v2/", tls["ca"]) == 200
+            started = time.monotonic()
+            for sock in silent:
+                with contextlib.suppress(OSError):
+                    assert sock.recv(1) == b""
+            assert time.monotonic() - started < 10  # not the 60 s idle timeout
+        finally:
+            for sock in silent:
+                sock.close()
+
+
+def test_sigterm_with_every_slot_busy_stops_in_time(tmp_path):
+    builder = TreeBuilder(tmp_path)
+    descriptor = builder.blob(os.urandom(64 * 1024 * 1024), "application/octet-stream")
+    builder.link_blobs("big")
+    request = ("GET /v2/big/blobs/%s HTTP/1.1\r\nHost: x\r\n\r\n" % descriptor["digest"]).encode()
+    with server_process("--root", str(tmp_path), "--max-connections", "2",
+                        "--shutdown-timeout", "2") as (process, url):
+        port = int(url.rsplit(":", 1)[1])
+        clients = []
+        try:
+            for _ in range(3):  # two transfers that never read on, one waiting for a slot
+                sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.sendall(request)
+                clients.append(sock)
+            time.sleep(0.5)
+            started = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(20) == 0
+            assert time.monotonic() - started < 8
+        finally:
+            for sock in clients:
+                sock.close()
+
+
+def test_a_worker_that_ends_on_its_own_is_replaced(fixture, tls):
+    with server_process("--root", fixture.root, "--workers", "2") as (process, url):
+        workers = child_pids(process.pid)
+        assert len(workers) == 2
+        os.kill(workers[0], signal.SIGTERM)  # the worker drains and exits 0
+        deadline = time.monotonic() + 10
+        while len(child_pids(process.pid)) < 2 or workers[0] in child_pids(process.pid):
+            assert time.monotonic() < deadline, "the worker that exited 0 was not replaced"
+            time.sleep(0.1)
+        assert https_or_http_status(url, "/v2/") == 200
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 0
+
+
+@pytest.mark.parametrize("verified", [False, True], ids=["hashed as sent", "verified"])
+@pytest.mark.parametrize("use_tls", [False, True], ids=["http", "https"])
+def test_the_access_log_gives_the_bytes_sent(tmp_path, tls, caplog, verified, use_tls):
+    builder = TreeBuilder(tmp_path)
+    descriptor = builder.blob(os.urandom(64 * 1024 * 1024), "application/octet-stream")
+    builder.link_blobs("app")
+    url = "/v2/app/blobs/" + descriptor["digest"]
+    with caplog.at_level(logging.INFO, logger="embedded_registry"):
+        with serving(tmp_path, tls if use_tls else None) as server:
+            if verified:
+                assert sha256(fetch(connect(server, tls), "GET", url)[2]) == descriptor["digest"]
+            conn = connect(server, tls)
+            conn.request("GET", url)
+            response = conn.getresponse()
+            response.read(1024 * 1024)
+            conn.sock.close()
+            response.close()
+            deadline = time.monotonic() + 20
+            while count_lines(caplog.text, "GET " + url) < 1 + verified:
+                assert time.monotonic() < deadline, "no access log line for the cut transfer"
+                time.sleep(0.1)
+    sizes = [int(m) for m in re.findall(re.escape(url) + r" 200 (\d+) ", caplog.text)]
+    assert sizes[-1] < descriptor["size"], sizes
+
+
+@pytest.mark.parametrize("mode", ["first", "always"])
+def test_verify_always_catches_a_blob_changed_in_place(tmp_path, mode):
+    builder = TreeBuilder(tmp_path)
+    descriptor = builder.blob(os.urandom(5 * 1024 * 1024), "application/octet-stream")
+    builder.link_blobs("app")
+    path = tmp_path / "blobs" / descriptor["digest"]
+    url = "/v2/app/blobs/" + descriptor["digest"]
+    with serving(tmp_path, verify_always=mode == "always") as server:
+        assert sha256(fetch(connect(server), "GET", url)[2]) == descriptor["digest"]
+        before = os.stat(str(path))
+        with open(str(path), "r+b") as f:  # bit rot: one byte, in place, mtime kept
+            f.seek(12345)
+            byte = f.read(1)
+            f.seek(12345)
+            f.write(bytes([byte[0] ^ 0x40]))
+        os.utime(str(path), ns=(before.st_atime_ns, before.st_mtime_ns))
+        status, length, body = read_cut(connect(server), url)
+        if mode == "always":
+            assert len(body) < length  # cut short: never a complete wrong blob
+            assert fetch(connect(server), "GET", url)[0] == 404
+        else:  # what the README says --verify first cannot see
+            assert status == 200 and len(body) == length and sha256(body) != descriptor["digest"]
+
+
+# --- Hardening: hostile manifests, indexes and archives for the downloader ----------------
+# Every archive here is built by hand with tarfile: no skopeo or registry is needed.
+
+DEMO = "docker.io/library/demo:1"
+DEEP = b"[" * 100000 + b"]" * 100000  # json.loads raises RecursionError on this
+
+
+def as_bytes(value):
+    """A member's content: bytes as they are, anything else as JSON."""
+    return value if isinstance(value, bytes) else json.dumps(value).encode()
+
+
+def keep(name, document):
+    return document
+
+
+def oci_archive(path, mutate=keep, nested=False):
+    """An oci-archive of one image, DEMO. mutate(name, document) may change each JSON
+    document ("manifest", "index" when nested, "index.json") after the documents it points
+    at are written, so a change to a digest stays the one the test made."""
+    config = json.dumps({"architecture": "amd64", "os": "linux",
+                         "rootfs": {"type": "layers", "diff_ids": []}}).encode()
+    layer = b"not really a tar, and the downloader does not care"
+    blobs = {}
+
+    def add(data, media_type, **extra):
+        blobs[sha256(data)] = data
+        return dict({"mediaType": media_type, "digest": sha256(data), "size": len(data)},
+                    **extra)
+
+    manifest = as_bytes(mutate("manifest", {
+        "schemaVersion": 2, "mediaType": dsi.OCI_MANIFEST,
+        "config": add(config, "application/vnd.oci.image.config.v1+json"),
+        "layers": [add(layer, "application/vnd.oci.image.layer.v1.tar")]}))
+    top = add(manifest, dsi.OCI_MANIFEST, platform={"architecture": "amd64", "os": "linux"})
+    if nested:
+        index = as_bytes(mutate("index", {"schemaVersion": 2, "mediaType": dsi.OCI_INDEX,
+                                          "manifests": [top]}))
+        top = add(index, dsi.OCI_INDEX)
+    top = dict(top, annotations={"io.containerd.image.name": DEMO,
+                                 "org.opencontainers.image.ref.name": "1"})
+    top.pop("platform", None)
+    index_json = as_bytes(mutate("index.json", {"schemaVersion": 2, "manifests": [top]}))
+    members = {"oci-layout": b'{"imageLayoutVersion": "1.0.0"}', "index.json": index_json}
+    members.update(("blobs/sha256/" + digest.split(":")[1], data)
+                   for digest, data in blobs.items())
+    return tar_of(path, members)
+
+
+def docker_archive(path, mutate=keep):
+    """A docker-archive of one image, DEMO; mutate(name, document) may change manifest.json."""
+    config = json.dumps({"architecture": "amd64", "os": "linux",
+                         "rootfs": {"type": "layers", "diff_ids": []}}).encode()
+    layer = io.BytesIO()
+    with tarfile.open(fileobj=layer, mode="w") as tar:
+        info = tarfile.TarInfo("hello.txt")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"hi"))
+    config_name = sha256(config).split(":")[1] + ".json"
+    layer_name = sha256(layer.getvalue()).split(":")[1] + "/layer.tar"
+    entries = mutate("manifest.json", [{"Config": config_name, "RepoTags": [DEMO],
+                                        "Layers": [layer_name]}])
+    return tar_of(path, {"manifest.json": as_bytes(entries), config_name: config,
+                         layer_name: layer.getvalue()})
+
+
+def import_archives(capsys, tree, *paths):
+    """main() in-process: (return code, stderr); anything escaping main fails the test."""
+    code = dsi.main(["--from-archive"] + [str(p) for p in paths] + ["-d", str(tree)])
+    return code, capsys.readouterr().err
+
+
+def tags_in(tree):
+    """repo:tag for every tag link in the tree."""
+    found = set()
+    for top, dirs, files in os.walk(str(tree)):
+        if os.path.basename(top) == "manifests":
+            repo = os.path.relpath(os.path.dirname(top), str(tree))
+            found.update("%s:%s" % (repo, name) for name in files + dirs
+                         if not name.startswith("sha256:"))
+    return found
+
+
+def failure_lines(stderr, *words):
+    return [line for line in stderr.splitlines() if all(word in line for word in words)]
+
+
+# --- The archives build as the downloader expects (so the failures below are the changes) --
+
+@pytest.mark.parametrize("build", [oci_archive, docker_archive,
+                                   lambda path: oci_archive(path, nested=True)])
+def test_hand_built_archives_import(tmp_path, capsys, build):
+    tree = tmp_path / "registry"
+    code, stderr = import_archives(capsys, tree, build(tmp_path / "image.tar"))
+    assert code == 0, stderr
+    assert tags_in(tree) == {"library/demo:1"}
+
+
+# --- Finding 1: a digest from an archive never reaches a path -------------------------------
+
+def test_a_path_like_layer_digest_deletes_nothing_outside_the_tree(tmp_path, capsys):
+    victim = tmp_path / "outside" / "victim.txt"
+    victim.parent.mkdir()
+    victim.write_bytes(b"precious")
+    tree = tmp_path / "d1" / "d2" / "registry"  # blobs/../../../../outside is the victim's
+
+    def aim_at_victim(name, document):
+        if name == "manifest":
+            document["layers"][0]["digest"] = "../../../../outside/victim.txt"
+        return document
+
+    archive = oci_archive(tmp_path / "evil.tar", aim_at_victim)
+    code, stderr = import_archives(capsys, tree, archive)
+    assert victim.read_bytes() == b"precious"
+    assert code != 0
+    assert "Traceback" not in stderr
+    lines = failure_lines(stderr, archive, "layers[0].digest")
+    assert len(lines) == 1, stderr
+    assert "layers[0].digest is '../../../../outside/victim.txt', not sha256:" in lines[0]
+
+
+def test_path_like_digests_in_an_index_json_are_refused(tmp_path, capsys):
+    def bad_entry(name, document):
+        if name == "index.json":
+            document["manifests"].append(dict(document["manifests"][0],
+                                              digest="sha256:../../../x"))
+        return document
+
+    archive = oci_archive(tmp_path / "two.tar", bad_entry)
+    code, stderr = import_archives(capsys, tmp_path / "registry", archive)
+    assert code == 1
+    assert failure_lines(stderr, "FAILED %s, index.json entry 2: digest is 'sha256:../../../x'"
+                         % archive)
+    assert tags_in(tmp_path / "registry") == {"library/demo:1"}  # entry 1 still imported
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("annotations", ["x"], "annotations is a list, not an object"),
+    ("annotations", {"io.containerd.image.name": 5},
+     "annotations.io.containerd.image.name is 5, not a string"),
+    ("annotations", {"a\nb": None}, "annotations.'a\\nb' is None, not a string"),
+    ("mediaType", 7, "mediaType is 7, not a string"),
+    ("size", True, "size is True, not a size in bytes"),
+    ("size", -1, "size is -1, not a size in bytes"),
+    ("size", 1.5, "size is 1.5, not a size in bytes"),
+    ("platform", {"os": ["linux"]}, "platform.os is a list, not a string"),
+    ("platform", {"os.features": "x"}, "platform.os.features is 'x', not a list of strings"),
+    ("urls", "http://x", "urls is 'http://x', not a list of strings"),
+])
+def test_odd_index_json_entries_fail_alone(tmp_path, capsys, field, value, message):
+    def odd_entry(name, document):
+        if name == "index.json":
+            document["manifests"][0][field] = value
+        return document
+
+    archive = oci_archive(tmp_path / "odd.tar", odd_entry)
+    code, stderr = import_archives(capsys, tmp_path / "registry", archive)
+    assert code == 1 and "Traceback" not in stderr
+    assert failure_lines(stderr, "FAILED %s, index.json entry 1: %s" % (archive, message)), stderr
+
+
+def test_a_nested_index_in_an_oci_archive_is_checked_too(tmp_path, capsys):
+    def bad_child(name, document):
+        if name == "index":
+            document["manifests"][0]["digest"] = "../../x"
+        return document
+
+    archive = oci_archive(tmp_path / "nested.tar", bad_child, nested=True)
+    code, stderr = import_archives(capsys, tmp_path / "registry", archive)
+    assert code == 1 and "Traceback" not in stderr
+    assert failure_lines(stderr, archive, "manifests[0].digest is '../../x', not sha256:")
+
+
+# --- Finding 2: oddly typed archive JSON is a one-line error naming archive and member -----
+
+@pytest.mark.parametrize("member, document, message", [
+    ("manifest.json", {"a": 1}, "manifest.json is an object, not a list of images"),
+    ("manifest.json", 5, "manifest.json is 5, not a list of images"),
+    ("manifest.json", "x", "manifest.json is 'x', not a list of images"),
+    ("manifest.json", None, "manifest.json is None, not a list of images"),
+    ("index.json", [], "index.json is a list, not a JSON object"),
+    ("index.json", [{"manifests": []}], "index.json is a list, not a JSON object"),
+    ("index.json", {"manifests": {"a": 1}}, "index.json: manifests is an object, not a list"),
+    ("index.json", DEEP, "index.json is not valid JSON: nested too deeply"),
+    ("manifest.json", DEEP, "manifest.json is not valid JSON: nested too deeply"),
+])
+def test_whole_file_shape_errors_fail_the_archive(tmp_path, capsys, member, document, message):
+    def replace(name, original):
+        return document if name == member else original
+
+    build = docker_archive if member == "manifest.json" else oci_archive
+    archive = build(tmp_path / "odd.tar", replace)
+    code, stderr = import_archives(capsys, tmp_path / "registry", archive)
+    assert code == 2
+    assert stderr.strip() == "download_system_images.py: error: %s: %s" % (archive, message)
+
+
+@pytest.mark.parametrize("entry, message", [
+    (1, "it is 1, not an object"),
+    (["a"], "it is a list, not an object"),
+    ({"Config": ["a"], "Layers": []}, "Config is a list, not the name of a member"),
+    ({"Config": None}, "Config is None, not the name of a member"),
+    ({"Config": "c.json", "Layers": "l.tar"}, "Layers is 'l.tar', not a list of member names"),
+    ({"Config": "c.json", "Layers": [{}]}, "Layers is a list, not a list of member names"),
+    ({"Config": "c.json", "RepoTags": [5]}, "RepoTags is a list, not a list of image names"),
+    ({"Config": "c.json", "RepoTags": "nginx"}, "RepoTags is 'nginx', not a list of image"),
+    ({"Config": "c.json", "Layers": None}, "'c.json' is not in the archive"),
+])
+def test_odd_manifest_json_entries_fail_alone(tmp_path, capsys, entry, message):
+    def add_odd_entry(name, entries):
+        return [entry] + entries
+
+    archive = docker_archive(tmp_path / "odd.tar", add_odd_entry)
+    tree = tmp_path / "registry"
+    code, stderr = import_archives(capsys, tree, archive)
+    assert code == 1 and "Traceback" not in stderr
+    lines = failure_lines(stderr, "FAILED %s, manifest.json entry 1: %s" % (archive, message))
+    assert len(lines) == 1, stderr
+    assert "1 ok, 1 failed" in stderr  # entry 2, the sound one, is imported
+    assert tags_in(tree) == {"library/demo:1"}
+
+
+def test_repotags_as_a_string_imports_no_one_letter_images(tmp_path, capsys):
+    def string_tags(name, entries):
+        entries[0]["RepoTags"] = "nginx"
+        return entries
+
+    tree = tmp_path / "registry"
+    archive = docker_archive(tmp_path / "nginx.tar", string_tags)
+    code, stderr = import_archives(capsys, tree, archive)
+    assert code == 1 and "Traceback" not in stderr
+    assert failure_lines(stderr, "%s, manifest.json entry 1: RepoTags is 'nginx'" % archive)
+    assert tags_in(tree) == set()
+    assert not (tree / "library").exists()  # no library/n, library/g, library/i, library/x
+
+
+def test_a_name_the_tree_cannot_hold_fails_its_image_not_the_run(tmp_path, capsys):
+    # library/a's tag "manifests" is a file where library/a/manifests needs a folder.
+    def clashing_tags(name, entries):
+        entries[0]["RepoTags"] = ["a:manifests", "library/a/manifests:1", DEMO]
+        return entries
+
+    tree = tmp_path / "registry"
+    archive = docker_archive(tmp_path / "clash.tar", clashing_tags)
+    code, stderr = import_archives(capsys, tree, archive)
+    assert code == 1 and "Traceback" not in stderr
+    assert "3 images: 2 ok, 1 failed" in stderr
+    assert failure_lines(stderr, "FAILED docker.io/library/a/manifests:1", archive)
+    assert "library/demo:1" in tags_in(tree)
+
+
+# --- The download path (crane/skopeo): the same gate, with a test double for the tool ------
+
+class FakeUpstreamForTest(dsi.Source):
+    """Test double for crane/skopeo: serves crafted manifest bytes, and refuses to fetch."""
+
+    name = "fake"
+
+    def __init__(self, manifests):
+        self.manifests = manifests  # reference -> bytes
+        self.fetched = []
+
+    def manifest(self, reference):
+        if reference not in self.manifests:
+            raise dsi.DownloadError("%s: not on the fake upstream" % reference)
+        return self.manifests[reference]
+
+    def fetch_blobs(self, image, manifest_digest, descriptors, workdir, jobs):
+        self.fetched += descriptors
+        raise dsi.DownloadError("the fake upstream has no blobs")
+
+
+def descriptor(digest="sha256:" + "a" * 64, size=3, **extra):
+    return dict({"mediaType": "application/octet-stream", "digest": digest, "size": size},
+                **extra)
+
+
+def image_manifest(**changes):
+    document = {"schemaVersion": 2, "mediaType": dsi.OCI_MANIFEST, "config": descriptor(),
+                "layers": [descriptor("sha256:" + "b" * 64)]}
+    document.update(changes)
+    return json.dumps(document).encode()
+
+
+def run_fake(tmp_path, manifests, reference="example.com/a/b:1"):
+    writer = dsi.TreeWriter(str(tmp_path / "registry"))
+    try:
+        tool = FakeUpstreamForTest(manifests)
+        downloader = dsi.Downloader(tool, writer, None)
+        results = dsi.download_all(downloader, [(dsi.parse_reference(reference), "list:1")])
+    finally:
+        writer.close()
+    return tool, results
+
+
+@pytest.mark.parametrize("body, message", [
+    (image_manifest(layers=[descriptor("../../../../victim")]),
+     "layers[0].digest is '../../../../victim', not sha256:"),
+    (image_manifest(config=descriptor("sha256:../../x")), "config.digest is 'sha256:../../x'"),
+    (image_manifest(config=["x"]), "config is a list, not an object"),
+    (image_manifest(layers={"a": 1}), "layers is an object, not a list"),
+    (image_manifest(layers=[descriptor(size="3")]), "layers[0].size is '3', not a size"),
+    (image_manifest(layers=[descriptor(urls=[1])]), "layers[0].urls is a list, not a list of"),
+    (image_manifest(mediaType=["x"]), "mediaType is a list, not a string"),
+    (json.dumps({"schemaVersion": 1, "fsLayers": []}).encode(), "Docker schema 1"),
+    (json.dumps({"manifests": [descriptor("/etc/passwd")]}).encode(),
+     "manifests[0].digest is '/etc/passwd', not sha256:"),
+    (json.dumps({"manifests": [descriptor(platform={"architecture": 1})]}).encode(),
+     "manifests[0].platform.architecture is 1, not a string"),
+    (json.dumps({"manifests": "x"}).encode(), "manifests is 'x', not a list"),
+    (b"[1]", "is a list, not a JSON object"),
+    (DEEP, "is not valid JSON: nested too deeply"),
+    (b"\xff\xfe{", "is not valid JSON"),
+])
+def test_a_bad_upstream_manifest_fails_its_image_before_any_path(tmp_path, body, message):
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    tool, results = run_fake(tmp_path, {"example.com/a/b:1": body})
+    [result] = results
+    assert not result.ok
+    assert "manifest example.com/a/b:1" in result.message and message in result.message
+    assert tool.fetched == [] and victim.read_bytes() == b"keep"
+
+
+def test_a_bad_child_manifest_fails_its_image(tmp_path):
+    child = image_manifest(layers=[descriptor("sha256:../../../victim")])
+    index = json.dumps({"mediaType": dsi.OCI_INDEX, "manifests": [
+        descriptor(sha256(child), len(child), platform={"os": "linux",
+                                                        "architecture": "amd64"})]}).encode()
+    tool, [result] = run_fake(tmp_path, {"example.com/a/b:1": index,
+                                         "example.com/a/b@" + sha256(child): child})
+    assert not result.ok and tool.fetched == []
+    assert "layers[0].digest is 'sha256:../../../victim'" in result.message
+    assert "(list:1)" in result.message
+
+
+def test_an_index_of_indexes_is_an_error_not_a_crash(tmp_path):
+    inner = json.dumps({"mediaType": dsi.OCI_INDEX, "manifests": []}).encode()
+    outer = json.dumps({"mediaType": dsi.OCI_INDEX, "manifests": [
+        descriptor(sha256(inner), len(inner))]}).encode()
+    _, [result] = run_fake(tmp_path, {"example.com/a/b:1": outer,
+                                      "example.com/a/b@" + sha256(inner): inner})
+    assert not result.ok and "names another index" in result.message
+
+
+def test_windows_platform_features_pass_the_gate():
+    document = {"mediaType": dsi.OCI_INDEX, "manifests": [descriptor(platform={
+        "os": "windows", "architecture": "amd64", "os.version": "10.0.17763.1",
+        "os.features": ["win32k"]})]}
+    assert dsi.check_document(document, "x") is document
+
+
+def test_crane_and_skopeo_refuse_a_bad_digest_before_running(tmp_path):
+    image = dsi.parse_reference("example.com/a/b:1")
+    bad = [descriptor("../../x")]
+    for tool in (dsi.Crane(str(tmp_path / "no-crane")), dsi.Skopeo(str(tmp_path / "no-skopeo"))):
+        with pytest.raises(dsi.DownloadError, match="refusing '../../x' as a file name"):
+            tool.fetch_blobs(image, "sha256:" + "c" * 64, bad, str(tmp_path), 1)
+    assert sorted(os.listdir(str(tmp_path))) == []
+
+
+# --- TreeWriter refuses names outside their grammar, whoever calls it ----------------------
+
+@pytest.fixture
+def writer(tmp_path):
+    writer = dsi.TreeWriter(str(tmp_path / "a" / "registry"))
+    yield writer
+    writer.close()
+
+
+GOOD = "sha256:" + "d" * 64
+
+
+@pytest.mark.parametrize("call", [
+    lambda w: w.has_blob({"digest": "../../victim", "size": 1}),
+    lambda w: w.has_blob({"digest": "sha256:../../../victim", "size": 1}),
+    lambda w: w.place_blob({"digest": "../../victim", "size": 1}, __file__),
+    lambda w: w.save_manifest("../../x", b"{}"),
+    lambda w: w.save_manifest("a/../../x", b"{}"),
+    lambda w: w.link_blobs("../x"),
+    lambda w: w.link_blobs("/abs"),
+    lambda w: w.link_tag("a/b", "../victim", GOOD),
+    lambda w: w.link_tag("a/b", GOOD, GOOD),  # a tag must not replace a manifest file
+    lambda w: w.link_tag("a/b", "1", "../../victim"),
+    lambda w: w.link_tag("../../x", "1", GOOD),
+    lambda w: w.link_tag(None, "1", GOOD),
+])
+def test_tree_writer_refuses_bad_names(tmp_path, writer, call):
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    before = sorted(os.listdir(writer.root))
+    with pytest.raises(dsi.DownloadError, match="refusing"):
+        call(writer)
+    assert victim.read_bytes() == b"keep"
+    assert sorted(os.listdir(writer.root)) == before
+    assert sorted(os.listdir(str(tmp_path))) == ["a", "victim"]
+
+
+def test_tree_writer_accepts_a_registry_host_with_no_trim(writer):
+    writer.link_blobs("localhost:5000/a/b")
+    digest = writer.save_manifest("localhost:5000/a/b", b"{}")
+    writer.link_tag("localhost:5000/a/b", "v1.0", digest)
+    assert os.readlink(os.path.join(writer.root, "localhost:5000/a/b/manifests/v1.0")) == digest
+
+
+# --- Finding 3: a bounded, seeded fuzz of both archive formats -----------------------------
+
+SEED = 20240611
+PATH_LIKE = ["../../x", "sha256:../../x", "../../../sentinel.txt", "../../sentinel.txt",
+             "sha256:../../../../sentinel.txt", "../../../../sentinel_dir", "/etc/passwd",
+             "sha256:" + "a" * 63 + "/", "sha256:" + "A" * 64, "blobs/sha256/..", "..", "."]
+STRINGS = PATH_LIKE + ["", "nginx", DEMO, "a/b:1", "../x:1", "manifest.json", "index.json",
+                       dsi.OCI_INDEX, dsi.OCI_MANIFEST, "sha256:" + "0" * 64, "line\nbreak"]
+
+
+def random_json(rng, depth=0):
+    kind = rng.choice(["dict", "list", "str", "int", "float", "bool", "none"]
+                      if depth < 4 else ["str", "int", "float", "bool", "none"])
+    if kind == "dict":
+        keys = ["digest", "size", "mediaType", "manifests", "layers", "config", "platform",
+                "urls", "annotations", "Config", "Layers", "RepoTags", "os", "x"]
+        return {rng.choice(keys): random_json(rng, depth + 1) for _ in range(rng.randint(0, 4))}
+    if kind == "list":
+        return [random_json(rng, depth + 1) for _ in range(rng.randint(0, 4))]
+    if kind == "str":
+        return rng.choice(STRINGS)
+    if kind == "int":
+        return rng.choice([0, 1, -1, 5, 2 ** 70])
+    if kind == "float":
+        return rng.choice([0.5, -1.0, 1e308, float("nan")])
+    return rng.choice([True, False]) if kind == "bool" else None
+
+
+def positions(document):
+    """(container, key) of every value inside a JSON document."""
+    found, stack = [], [document]
+    while stack:
+        item = stack.pop()
+        keys = list(item) if isinstance(item, dict) else range(len(item)) \
+            if isinstance(item, list) else []
+        for key in keys:
+            found.append((item, key))
+            stack.append(item[key])
+    return found
+
+
+def mutated(rng, document):
+    """The document with one change: a new value, a field dropped, a digest made path-like,
+    or the whole document replaced."""
+    document = copy.deepcopy(document)
+    places = positions(document)
+    digests = [(c, k) for c, k in places if k == "digest"]
+    how = rng.choice(["whole", "value", "drop", "digest", "digest"])
+    if how == "whole" or not places:
+        return random_json(rng)
+    if how == "digest" and digests:
+        container, key = rng.choice(digests)
+        container[key] = rng.choice(PATH_LIKE)
+        return document
+    container, key = rng.choice(places)
+    if how == "drop":
+        del container[key]
+    else:
+        container[key] = random_json(rng)
+    return document
+
+
+def snapshot(top, tree):
+    """Everything under top but the tree: {relative path: bytes, link target or 'dir'}."""
+    found = {}
+    for directory, dirs, files in os.walk(top):
+        if os.path.abspath(directory) == tree:
+            dirs[:] = []
+            continue
+        for name in dirs + files:
+            path = os.path.join(directory, name)
+            if path == tree:
+                continue
+            relative = os.path.relpath(path, top)
+            if os.path.islink(path):
+                found[relative] = "link:" + os.readlink(path)
+            elif os.path.isdir(path):
+                found[relative] = "dir"
+            else:
+                with open(path, "rb") as f:
+                    found[relative] = f.read()
+    return found
+
+
+def test_fuzzed_archives_never_crash_or_touch_anything_outside_the_tree(tmp_path, capsys,
+                                                                         caplog):
+    rng = random.Random(SEED)
+    outer = tmp_path / "outer"
+    work = outer / "work"
+    tree = work / "registry"  # blobs/../../.. is outer, and one more .. is tmp_path
+    for place in (tmp_path, outer, work):
+        (place / "sentinel_dir").mkdir(parents=True)
+        (place / "sentinel.txt").write_bytes(b"sentinel in %s" % place.name.encode())
+        (place / "sentinel_dir" / "keep.txt").write_bytes(b"kept")
+    archive = str(tmp_path / "fuzz.tar")
+    started, codes = time.monotonic(), []
+    for case in range(500):
+        docker = case % 3 == 0
+        targets = ["manifest.json"] if docker else ["manifest", "index.json"] + (
+            ["index"] if case % 3 == 2 else [])
+        chosen = set(rng.sample(targets, rng.randint(1, len(targets))))
+
+        def mutate(name, document):
+            return mutated(rng, document) if name in chosen else document
+
+        if docker:
+            docker_archive(archive, mutate)
+        else:
+            oci_archive(archive, mutate, nested=case % 3 == 2)
+        before = snapshot(str(tmp_path), str(tree))
+        try:
+            code = dsi.main(["--from-archive", archive, "-d", str(tree), "-p", "all"])
+        except BaseException as error:  # noqa: B036 - report the case, then fail
+            pytest.fail("case %d (seed %d) raised %r" % (case, SEED, error))
+        stderr = capsys.readouterr().err
+        assert code in (0, 1, 2), (case, stderr)
+        assert "Traceback" not in stderr and "Traceback" not in caplog.text, case
+        assert snapshot(str(tmp_path), str(tree)) == before, case
+        codes.append(code)
+    assert time.monotonic() - started < 20
+    assert {0, 1, 2} <= set(codes)  # the fuzz reached sound imports and both kinds of failure
