@@ -123,6 +123,11 @@ ROUTES = [
     ("blob", re.compile(r"/v2/(?P<name>.+)/blobs/(?P<reference>[^/]+)")),
 ]
 
+# The base class answers an unknown method with 501 and an HTTP/2 request line with 505.
+# Both are the client's doing, so they go out as 4xx: a 5xx reads as this server's fault,
+# to containerd (an error to remember) and to an operator's alert on the 5xx rate.
+CLIENT_FAULT_STATUS = {HTTPStatus.NOT_IMPLEMENTED: HTTPStatus.METHOD_NOT_ALLOWED,
+                       HTTPStatus.HTTP_VERSION_NOT_SUPPORTED: HTTPStatus.BAD_REQUEST}
 # Status codes the base class raises on its own, and the OCI code that fits each.
 GENERIC_ERROR_CODES = {
     HTTPStatus.METHOD_NOT_ALLOWED: "UNSUPPORTED",
@@ -1075,6 +1080,9 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
         finally:
             self.rfile.head_left = self.reader.deadline = None
             self.connection.settimeout(self.server.send_timeout)
+        if self.request_version == "HTTP/0.9":  # "GET /v2/" alone: no client of ours
+            self.send_error(HTTPStatus.BAD_REQUEST, "HTTP/0.9 is not supported")
+            return False
         if self.command in ("GET", "HEAD") and carries_body(self.headers):
             # Never read on as if the body were the next request (request smuggling).
             self.send_error(HTTPStatus.BAD_REQUEST, "a GET or HEAD request carries no body")
@@ -1189,7 +1197,7 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
     def send_error(self, code, message=None, explain=None):
         """The base class's own errors (bad request line, 501, ...) as OCI JSON, closing."""
         self.log_error("code %d, message %s", code, message)
-        self.send_closing_error(code, message)
+        self.send_closing_error(CLIENT_FAULT_STATUS.get(code, code), message)
 
     def send_closing_error(self, code, message=None):
         self.close_connection = True
@@ -1200,6 +1208,8 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
                               message or status.phrase)
         self.send_response(code, message)
         self.send_header("Connection", "close")
+        if status == HTTPStatus.METHOD_NOT_ALLOWED:
+            self.send_header("Allow", "GET, HEAD")
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()

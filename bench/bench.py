@@ -243,15 +243,16 @@ class Server:
 
 
 class Ours(Server):
-    def __init__(self, directory, certs, root, workers=1):
+    def __init__(self, directory, certs, root, workers=1, flags=()):
         super().__init__("embedded-registry", directory, certs)
         self.root = root
         self.workers = workers
+        self.flags = list(flags)
 
     def argv(self):
         return [sys.executable, SERVER, "--root", self.root, "--cert", self.certs["server.crt"],
                 "--key", self.certs["server.key"], "--listen", "127.0.0.1:%d" % self.port,
-                "--workers", str(self.workers)]
+                "--workers", str(self.workers)] + self.flags
 
 
 class Distribution(Server):
@@ -470,11 +471,9 @@ def best_of(rounds, servers, key, measurement, better=max):
         server.results[key + " runs"] = figures[server.name]
 
 
-def measure(servers, content, directory, seconds):
-    for server in servers:
-        server.results["start"] = server.start()
+def blob_streams(servers, content):
+    """Rows 1 and 2: the big blob to one client, then to STREAMS at once, best of 3."""
     big = "/v2/bench/big/blobs/" + content.big
-    manifest = "/v2/rancher/bench-0/manifests/1"
 
     def one_stream(server):
         return curl_speeds(server.url + big, server.certs["ca.crt"], 1)[0][0] / 1e6
@@ -485,6 +484,13 @@ def measure(servers, content, directory, seconds):
 
     best_of(3, servers, "single", one_stream)
     best_of(3, servers, "multi", all_streams)
+
+
+def measure(servers, content, directory, seconds):
+    for server in servers:
+        server.results["start"] = server.start()
+    manifest = "/v2/rancher/bench-0/manifests/1"
+    blob_streams(servers, content)
     for server in servers:
         server.results["manifest_rps"] = wrk_rate(server.url + manifest, server.certs["ca.crt"],
                                                   seconds)
@@ -593,6 +599,10 @@ def main(argv=None):
         one_worker = (wrk_rate(manifest_url, certs["ca.crt"], args.seconds),
                       wrk_rate(manifest_url, certs["ca.crt"], args.seconds, close=True))
         single.stop()
+        always = Ours(directory, certs, content.root, args.workers, ["--verify", "always"])
+        always.start()
+        blob_streams([always], content)  # every GET hashed: the cost of --verify always
+        always.stop()
         many = make_many_manifests(directory, MANY_MANIFESTS)
         empty = os.path.join(directory, "empty")
         os.makedirs(empty)
@@ -601,6 +611,10 @@ def main(argv=None):
         extra = [
             "   ours is --workers %d; with --workers 1: 3. %.0f req/s, 4. %.0f req/s" % (
                 args.workers, one_worker[0], one_worker[1]),
+            "   ours with --verify always (every GET hashed): 1. %.0f MB/s (%.2fx of first), "
+            "2. %.0f MB/s (%.2fx)" % (
+                always.results["single"], always.results["single"] / ours["single"],
+                always.results["multi"], always.results["multi"] / ours["multi"]),
             "7. start-up to first /v2/ answer: %.0f ms with %d manifests, %.0f ms with an "
             "empty tree (target < 300 ms, independent of size: %s)" % (
                 start_many * 1000, MANY_MANIFESTS, start_empty * 1000,
