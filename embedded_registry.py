@@ -783,7 +783,9 @@ class TreeCheck:
         self.problems = []
         self.counts = collections.Counter()
         self._blobs_seen = {}
-        self._manifests_seen = set()
+        self._manifests_seen = {}  # real path -> whether it is sound
+        # What is present and sound: digest -> repositories, and digest -> size.
+        self.inventory = {"manifests": collections.defaultdict(set), "blobs": {}}
 
     def problem(self, path, message):
         self.problems.append({"path": path, "problem": message})
@@ -833,18 +835,24 @@ class TreeCheck:
                 self.problem(path, "neither a tag nor a sha256 digest: never served")
                 continue
             real = real_path(path)
-            if real in self._manifests_seen:
-                continue  # a tag naming a manifest checked already
-            self._manifests_seen.add(real)
-            try:
-                document = load_manifest(path)[1]
-                children, blobs = document_references(document)
-            except ManifestProblem as problem:
-                self.problem(path, str(problem))
-                continue
-            self._check_children(repo_dir, path, children)
-            for descriptor in blobs:
-                self._check_blob(repo_dir, path, descriptor)
+            if real not in self._manifests_seen:  # else a tag naming one checked already
+                self._manifests_seen[real] = self._check_manifest(repo_dir, path)
+            if self._manifests_seen[real] and name.startswith("sha256:"):
+                self.inventory["manifests"][name].add(
+                    os.path.relpath(repo_dir, self.root).replace(os.sep, "/"))
+
+    def _check_manifest(self, repo_dir, path):
+        """Whether the manifest at path is sound; what it names is checked as well."""
+        try:
+            document = load_manifest(path)[1]
+            children, blobs = document_references(document)
+        except ManifestProblem as problem:
+            self.problem(path, str(problem))
+            return False
+        self._check_children(repo_dir, path, children)
+        for descriptor in blobs:
+            self._check_blob(repo_dir, path, descriptor)
+        return True
 
     def _check_children(self, repo_dir, path, children):
         # The downloader keeps only the requested platforms' children: absent ones are
@@ -864,6 +872,8 @@ class TreeCheck:
             self.counts["blobs"] += 1
         if self._blobs_seen[blob, digest]:
             self.problem(path, "blob %s %s" % (digest, self._blobs_seen[blob, digest]))
+        else:
+            self.inventory["blobs"][digest] = descriptor["size"]
 
     def _verify_blob(self, blob, descriptor):
         """None if the blob is sound, else what is wrong with it."""
@@ -897,8 +907,13 @@ class TreeCheck:
         return "\n".join(lines)
 
     def as_json(self):
+        inventory = {
+            "manifests": {digest: sorted(repositories) for digest, repositories
+                          in sorted(self.inventory["manifests"].items())},
+            "blobs": dict(sorted(self.inventory["blobs"].items()))}
         return json.dumps({"root": self.root, "ok": not self.problems, "deep": self.deep,
-                           "counts": dict(self.counts), "problems": self.problems}, indent=2)
+                           "counts": dict(self.counts), "problems": self.problems,
+                           "inventory": inventory}, indent=2)
 
 
 def describe_platform(platform):

@@ -1501,6 +1501,24 @@ def test_check_finds_damage(tmp_path, damage):
         assert check(tmp_path).returncode == 0
 
 
+def test_check_json_gives_an_inventory_of_what_is_sound(tmp_path):
+    builder = TreeBuilder(tmp_path)
+    _, index_digest, children = builder.index("app", "1", ["amd64", "arm64"])
+    body, other_digest = builder.image("team/other", "amd64", tag="2")
+    layers = json.loads(body)["layers"]
+    flip_a_bit(tmp_path / "blobs" / layers[1]["digest"])  # damaged, but the right size
+    broken = builder.manifest("team/other", b'{"schemaVersion": 2, "layers": 5, "config": {}}')
+    shallow = json.loads(check(tmp_path, "--json").stdout)["inventory"]
+    deep = json.loads(check(tmp_path, "--json", "--deep").stdout)["inventory"]
+    assert shallow["manifests"] == {index_digest: ["app"], children[0]: ["app"],
+                                    children[1]: ["app"], other_digest: ["team/other"]}
+    assert broken not in deep["manifests"]
+    assert shallow["blobs"][layers[1]["digest"]] == layers[1]["size"]
+    assert layers[1]["digest"] not in deep["blobs"]  # --deep: only blobs that hashed right
+    assert deep["blobs"][layers[0]["digest"]] == layers[0]["size"]
+    assert set(shallow["blobs"]) - set(deep["blobs"]) == {layers[1]["digest"]}
+
+
 # --- Blobs verified while served -------------------------------------------------------
 
 def read_cut(conn, path):
