@@ -1628,10 +1628,12 @@ def serve_workers(server, count, shutdown_timeout):
         # Signals stay blocked across the fork until the worker has handlers of its own:
         # one arriving in between would land in the parent's queue, copied, and be lost.
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
-        pid = os.fork()
-        if pid == 0:
-            run_worker(server, shutdown_timeout)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                run_worker(server, shutdown_timeout)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
         workers[pid] = time.monotonic()
 
     def forward(signum):
@@ -1643,7 +1645,7 @@ def serve_workers(server, count, shutdown_timeout):
         spawn()
     notify_systemd("READY=1")
     stopping = failed = False
-    while workers:
+    while workers or not stopping:
         signums = take_signals(arrived, timeout=1.0)
         if signums & STOP_SIGNALS and not stopping:
             stopping = True
@@ -1665,7 +1667,12 @@ def serve_workers(server, count, shutdown_timeout):
             log.error("worker %d ended (wait status %d); starting another", pid, status)
             if time.monotonic() - started < 1:
                 time.sleep(1)  # a worker that ends at once must not become a fork loop
-            spawn()
+        while len(workers) < count and not stopping:
+            try:
+                spawn()
+            except OSError as error:  # out of processes or memory: try again next round
+                log.error("cannot start a worker: %s", error)
+                break
     server.server_close()
     return 1 if failed else 0
 
