@@ -87,6 +87,8 @@ DOCKER_LAYER_TYPES = [(b"\x1f\x8b", "application/vnd.docker.image.rootfs.diff.ta
 IMAGE_NAME_ANNOTATIONS = ("io.containerd.image.name", "org.opencontainers.image.ref.name")
 OCI_BLOB_RE = re.compile(r"blobs/sha256/([a-f0-9]{64})")
 ZSTD_SUFFIXES = (".zst", ".zstd", ".tzst")
+# containerd refuses a larger manifest; reading one from an archive stops there.
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 NAME_RE = re.compile(r"%s(?:/%s)*" % (_COMPONENT, _COMPONENT))
@@ -517,6 +519,8 @@ def unpack_archive(path, dest):
                 name = member_name(member.name)
                 if name is None:
                     log.warning("%s: skipping unsafe member name %r", path, member.name)
+                elif member.issparse():  # docker save never writes one; it could expand
+                    log.warning("%s: skipping sparse member %r", path, member.name)  # to TBs
                 elif member.isfile():
                     target = os.path.join(dest, "%d" % len(files))
                     with tar.extractfile(member) as source, open(target, "wb") as out:
@@ -619,6 +623,7 @@ class ArchiveSource(Source):
         self.blobs = {}  # digest -> extracted file
         self.manifests = {}  # digest -> manifest bytes written here (Docker archives)
         self.problems = []  # (what, message) for images that cannot be imported
+        self._digests = {}  # extracted file -> its digest
 
     def add(self, path):
         """Unpack one archive; returns [(ImageRef pinned to its digest, where)]."""
@@ -682,7 +687,9 @@ class ArchiveSource(Source):
         return [image for image in images if image]
 
     def _blob(self, extracted, media_type):
-        digest = file_digest(extracted)
+        if extracted not in self._digests:  # a member named twice is hashed once
+            self._digests[extracted] = file_digest(extracted)
+        digest = self._digests[extracted]
         self.blobs[digest] = extracted
         return {"mediaType": media_type, "digest": digest, "size": os.path.getsize(extracted)}
 
@@ -703,7 +710,11 @@ class ArchiveSource(Source):
         if digest not in self.blobs:
             raise DownloadError("manifest %s is not in the archive" % reference)
         with open(self.blobs[digest], "rb") as f:
-            return f.read()
+            body = f.read(MAX_MANIFEST_BYTES + 1)
+        if len(body) > MAX_MANIFEST_BYTES:
+            raise DownloadError("manifest %s is over the %d-byte manifest limit"
+                                % (reference, MAX_MANIFEST_BYTES))
+        return body
 
     def fetch_blobs(self, image, manifest_digest, descriptors, workdir, jobs):
         missing = [d["digest"] for d in descriptors if d["digest"] not in self.blobs]

@@ -110,6 +110,11 @@ DIGEST_RE = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
 DIGEST_HEX_LENGTHS = {"sha256": 64, "sha512": 128}
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 HOST_RE = re.compile(r"%s(?:\.%s)*(?::[0-9]{1,5})?" % (_LABEL, _LABEL))
+# RFC 6838: type/subtype, restricted names; what goes into a Content-Type header.
+_RESTRICTED_NAME = r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
+MEDIA_TYPE_RE = re.compile(r"%s/%s" % (_RESTRICTED_NAME, _RESTRICTED_NAME))
+# A header line's field name (RFC 9110 token); anything else makes the request invalid.
+TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 POSITION_RE = re.compile(r"[0-9]*")
 COUNT_RE = re.compile(r"[0-9]{1,9}")
 ZERO_RE = re.compile(r"0+")
@@ -258,8 +263,9 @@ def page_offset_buffer(size):
 def media_type_of(document):
     """The media type of a parsed manifest: its own field, else inferred from its shape."""
     declared = document.get("mediaType")
-    if isinstance(declared, str) and declared:
-        return declared
+    if declared is not None:  # it becomes a response header: only a media type will do
+        return declared if isinstance(declared, str) and MEDIA_TYPE_RE.fullmatch(declared) \
+            else None
     if document.get("schemaVersion") == 1:
         return DOCKER_SCHEMA1_SIGNED if "signatures" in document else DOCKER_SCHEMA1
     if "manifests" in document:
@@ -312,6 +318,9 @@ def check_descriptor(descriptor, field):
             field, escape_for_log(repr(size), 100)))
     if not isinstance(descriptor.get("mediaType", ""), str):
         raise ManifestProblem("has %s with a mediaType that is not a string" % field)
+    urls = descriptor.get("urls", [])
+    if not isinstance(urls, list) or not all(isinstance(url, str) for url in urls):
+        raise ManifestProblem("has %s with urls that are not a list of strings" % field)
 
 
 def parse_range(header, size):
@@ -376,6 +385,16 @@ def paginate(names, query):
     return names[:limit], len(names) > limit
 
 
+def malformed_header(headers):
+    """The first header that is not one 'token: value' line (a space before the colon, a
+    control character, a folded continuation), else None. Such a header could hide a
+    Content-Length or Transfer-Encoding from the checks below."""
+    for name, value in headers.items():
+        if not TOKEN_RE.fullmatch(name) or "\r" in value or "\n" in value:
+            return name
+    return None
+
+
 def carries_body(headers):
     """Whether a request announces a body: any Transfer-Encoding, or a Content-Length
     other than zero (or one that is not a number at all)."""
@@ -383,6 +402,54 @@ def carries_body(headers):
         return True
     return any(not ZERO_RE.fullmatch(value.strip())
                for value in headers.get_all("Content-Length") or [])
+
+
+KeptImage = collections.namedtuple("KeptImage", "repositories tag digest where")
+
+
+def parse_kept_image(text, where):
+    """A line of an image list (the downloader's -f format) as what --gc must keep: the
+    tree repositories it may live in (the registry host trimmed, as by default, or kept,
+    as with -n), and its tag or digest. ValueError says what is wrong with the line."""
+    name, _, digest = text.partition("@")
+    if digest and not is_valid_digest(digest):
+        raise ValueError("invalid digest %r" % digest)
+    tag = None
+    if name.rfind(":") > name.rfind("/"):
+        name, _, tag = name.rpartition(":")
+        if not TAG_RE.fullmatch(tag):
+            raise ValueError("invalid tag %r" % tag)
+    host, slash, rest = name.partition("/")
+    if slash and ("." in host or ":" in host or host == "localhost"):
+        if not HOST_RE.fullmatch(host):
+            raise ValueError("invalid registry host %r" % host)
+    else:
+        host, rest = "docker.io", name
+    if host in ("docker.io", "index.docker.io"):
+        host, rest = "docker.io", rest if "/" in rest else "library/" + rest
+    if not NAME_RE.fullmatch(rest) or len(rest) > MAX_NAME_LENGTH:
+        raise ValueError("invalid repository name %r" % rest)
+    return KeptImage((rest, "%s/%s" % (host, rest)), tag or (None if digest else "latest"),
+                     digest or None, where)
+
+
+def parse_image_lists(named_texts):
+    """[KeptImage] of every line of every (file name, text); ValueError lists every bad
+    line with its file and line number."""
+    kept, problems = [], []
+    for source, text in named_texts:
+        for number, line in enumerate(text.splitlines(), 1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            where = "%s:%d" % (source, number)
+            try:
+                kept.append(parse_kept_image(line, where))
+            except ValueError as error:
+                problems.append("%s: %s" % (where, error))
+    if problems:
+        raise ValueError("bad image references:\n  " + "\n  ".join(problems))
+    return kept
 
 
 def escape_for_log(text, limit=400):
@@ -410,9 +477,12 @@ class NotRegularFile(OSError):
 def open_regular(path):
     """(file, stat) of path opened for reading, only if it is a regular file.
 
-    Opened non-blocking, so a FIFO planted in the tree cannot hang the open, and
-    checked after opening (fstat), so nothing can be swapped in between.
+    Looked at before opening, so a device is never opened (some act on open); opened
+    non-blocking, so a FIFO swapped in cannot hang the open; and checked again after
+    opening (fstat), so what is read is what was checked.
     """
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a device is never even opened
+        raise NotRegularFile(errno.EINVAL, "not a regular file")
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
@@ -453,7 +523,7 @@ def parse_manifest(body, real_path):
         raise ManifestProblem("is not a JSON manifest: %s" % error)
     media_type = media_type_of(document) if isinstance(document, dict) else None
     if media_type is None:
-        raise ManifestProblem("has no mediaType and no recognisable manifest shape")
+        raise ManifestProblem("has no valid mediaType and no recognisable manifest shape")
     digest = digest_of(body)
     own_name = os.path.basename(real_path)
     if own_name.startswith("sha256:") and own_name != digest:
@@ -462,7 +532,10 @@ def parse_manifest(body, real_path):
 
 
 def stat_identity(st):
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    """What must stay the same for what was learned of a file to hold. The inode change
+    time is in it because no tool can set it back: a file replaced under a reused inode,
+    or written in place with its mtime restored, is looked at anew."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def file_identity(path):
@@ -475,7 +548,7 @@ def file_identity(path):
 class IdentityCache:
     """A bounded LRU map from a real path to what was learned of that file.
 
-    An entry holds only while the file keeps its identity (device, inode, size, mtime):
+    An entry holds only while the file keeps its identity (see stat_identity):
     a replaced, rewritten or re-pointed file is looked at anew, never trusted blindly.
     """
 
@@ -591,6 +664,16 @@ def walk_tree(root, descend, on_problem):
             pending.append(entry.path)
 
 
+def find_repositories(root, on_problem):
+    """(name, directory) of every repository in the tree: a directory with a manifests
+    folder, whose path below root is a repository name (with or without a registry host)."""
+    for top, entries in walk_tree(root, names_a_repository_part, on_problem):
+        if any(entry.name == "manifests" for entry in entries):
+            name = os.path.relpath(top, root).replace(os.sep, "/")
+            if NAME_RE.fullmatch(name) or _namespaced(name):
+                yield name, top
+
+
 def names_a_repository_part(entry):
     """Directories that can hold repositories: not a repository's own folders, and not
     the hidden work folders of the downloader."""
@@ -631,16 +714,29 @@ class Tree:
         return found
 
     def _resolve(self, path):
-        """The real path behind path if it lies inside the root, else None (logged once)."""
+        """The real path behind path if it lies inside the root, else None (logged once
+        for the link at fault, whatever name a client asked for beneath it)."""
         real = real_path(path)
-        if real is None:
-            self.warn_once(("loop", path), None, logging.WARNING,
-                           "refusing %s: too many levels of symbolic links", path)
-        elif not self.contains(real):
-            self.warn_once(("outside", path), real, logging.WARNING,
-                           "refusing %s: it resolves outside the root to %s", path, real)
-            real = None
-        return real
+        if real is not None and self.contains(real):
+            return real
+        culprit, target = self._escaping_part(path)
+        if target is None:
+            self.warn_once(("loop", culprit), None, logging.WARNING,
+                           "refusing %s: too many levels of symbolic links", culprit)
+        else:
+            self.warn_once(("outside", culprit), target, logging.WARNING,
+                           "refusing %s: it resolves outside the root to %s", culprit, target)
+        return None
+
+    def _escaping_part(self, path):
+        """(the shortest part of path that leaves the root, where it leads or None)."""
+        parts = os.path.relpath(path, self.root).split(os.sep)
+        for depth in range(1, len(parts) + 1):
+            prefix = os.path.join(self.root, *parts[:depth])
+            real = real_path(prefix)
+            if real is None or not self.contains(real):
+                return prefix, real
+        return path, None
 
     def manifests_dir(self, repo):
         """A repository's manifests directory, if it is one and lies inside the root."""
@@ -756,12 +852,9 @@ class Tree:
         return sorted(tags)
 
     def repositories(self):
-        """Every directory holding a manifests/ folder inside the root, by repository name."""
-        names = []
-        for top, entries in walk_tree(self.root, names_a_repository_part, self._walk_problem):
-            if any(entry.name == "manifests" for entry in entries) and self.manifests_dir(top):
-                names.append(os.path.relpath(top, self.root).replace(os.sep, "/"))
-        return sorted(n for n in names if NAME_RE.fullmatch(n) or _namespaced(n))
+        """Every repository whose manifests folder lies inside the root, by name."""
+        return sorted(name for name, top in find_repositories(self.root, self._walk_problem)
+                      if self.manifests_dir(top))
 
     def _walk_problem(self, path, message):
         self.warn_once(("walk", path), None, logging.WARNING, "%s %s", path, message)
@@ -798,6 +891,10 @@ class TreeCheck:
                 self._check_repository(top)
         return self
 
+    def _repository_name(self, repo_dir):
+        name = os.path.relpath(repo_dir, self.root).replace(os.sep, "/")
+        return name if NAME_RE.fullmatch(name) or _namespaced(name) else None
+
     @staticmethod
     def _descend(entry):
         # A repository's manifests/ is listed by _check_repository; hidden folders are
@@ -816,6 +913,11 @@ class TreeCheck:
         manifests = os.path.join(repo_dir, "manifests")
         if not lies_within(self.root, real_path(manifests) or ""):
             return  # reported by _check_entry as a link leading outside
+        repository = self._repository_name(repo_dir)
+        if repository is None:
+            self.problem(repo_dir, "holds manifests but is not a valid repository name "
+                                   "(lowercase, digits, separators): never served")
+            return
         try:
             names = sorted(os.listdir(manifests))
         except OSError as error:
@@ -825,21 +927,33 @@ class TreeCheck:
         for name in names:
             path = os.path.join(manifests, name)
             self._check_entry(path, name)
-            if name.startswith(".") or not os.path.exists(path):
+            if name.startswith(".") or not self._reachable(path):
                 continue
             if TAG_RE.fullmatch(name):
                 self.counts["tags"] += 1
-            elif name.startswith("sha256:"):
+            elif is_valid_digest(name):
                 self.counts["manifests"] += 1
             else:
-                self.problem(path, "neither a tag nor a sha256 digest: never served")
+                self.problem(path, "neither a tag nor a digest: never served")
                 continue
-            real = real_path(path)
-            if real not in self._manifests_seen:  # else a tag naming one checked already
-                self._manifests_seen[real] = self._check_manifest(repo_dir, path)
-            if self._manifests_seen[real] and name.startswith("sha256:"):
-                self.inventory["manifests"][name].add(
-                    os.path.relpath(repo_dir, self.root).replace(os.sep, "/"))
+            # A manifest is judged once per repository: its blobs are looked up in each
+            # repository's own blobs folder.
+            seen = (repo_dir, real_path(path))
+            if seen not in self._manifests_seen:  # else a tag naming one checked already
+                self._manifests_seen[seen] = self._check_manifest(repo_dir, path)
+            if self._manifests_seen[seen] and is_valid_digest(name):
+                self.inventory["manifests"][name].add(repository)
+
+    def _reachable(self, path):
+        """Whether path can be looked up; a missing target or a loop is reported by
+        _check_entry, anything else (a folder that may be listed but not searched) here."""
+        try:
+            os.stat(path)
+            return True
+        except OSError as error:
+            if error.errno not in (errno.ENOENT, errno.ELOOP):
+                self.problem(path, "cannot be read: %s" % error.strerror)
+            return False
 
     def _check_manifest(self, repo_dir, path):
         """Whether the manifest at path is sound; what it names is checked as well."""
@@ -850,9 +964,7 @@ class TreeCheck:
             self.problem(path, str(problem))
             return False
         self._check_children(repo_dir, path, children)
-        for descriptor in blobs:
-            self._check_blob(repo_dir, path, descriptor)
-        return True
+        return all([self._check_blob(repo_dir, path, descriptor) for descriptor in blobs])
 
     def _check_children(self, repo_dir, path, children):
         # The downloader keeps only the requested platforms' children: absent ones are
@@ -872,8 +984,9 @@ class TreeCheck:
             self.counts["blobs"] += 1
         if self._blobs_seen[blob, digest]:
             self.problem(path, "blob %s %s" % (digest, self._blobs_seen[blob, digest]))
-        else:
-            self.inventory["blobs"][digest] = descriptor["size"]
+            return False
+        self.inventory["blobs"][digest] = descriptor["size"]
+        return True
 
     def _verify_blob(self, blob, descriptor):
         """None if the blob is sound, else what is wrong with it."""
@@ -920,6 +1033,190 @@ def describe_platform(platform):
     platform = platform if isinstance(platform, dict) else {}
     return "/".join(platform[k] for k in ("os", "architecture", "variant")
                     if platform.get(k)) or "no platform"
+
+
+# --- Garbage collection (--gc) ----------------------------------------------------------
+
+Repository = collections.namedtuple("Repository", "name directory tags digests")
+
+
+class GarbageCollection:
+    """Remove what no kept image needs: tags no kept reference names (with --keep), then
+    manifests no remaining tag reaches, then blobs no remaining manifest names, then
+    repositories left empty.
+
+    Only deletions, in that order, so the tree is sound at every step: killed at any
+    point, it passes --check, and running it again completes the work. A blob that is
+    being served keeps streaming to its client after its name is removed (POSIX unlink).
+    """
+
+    def __init__(self, root, keep=None, dry_run=False):
+        self.root = os.path.realpath(root)
+        self.keep = keep  # [KeptImage], or None to keep every tag
+        self.dry_run = dry_run
+        self.removed = []  # {"kind", "path", "bytes"}
+        self.warnings = []
+
+    def run(self):
+        repositories = self._repositories()
+        if self.keep is not None:
+            self._remove_tags(repositories)
+        live_manifests, live_blobs, unreadable = self._reachable(repositories)
+        self._remove_manifests(repositories, live_manifests)
+        if unreadable:  # what an unreadable manifest names is unknown: keep every blob
+            self.warnings.append("blobs kept: %d manifests a tag reaches cannot be read (%s)"
+                                 % (len(unreadable), unreadable[0]))
+        else:
+            self._remove_blobs(repositories, live_blobs)
+        if not self.dry_run:
+            for repository in repositories:
+                self._remove_if_empty(repository.directory)
+        return self
+
+    def _repositories(self):
+        found, seen = [], set()
+        for name, top in find_repositories(self.root, self._warn):
+            manifests = real_path(os.path.join(top, "manifests"))
+            if not lies_within(self.root, manifests or "") or manifests in seen:
+                continue
+            seen.add(manifests)
+            try:
+                entries = sorted(os.listdir(manifests))
+            except OSError as error:
+                self._warn(manifests, "cannot be listed: %s" % error.strerror)
+                continue
+            found.append(Repository(
+                name, top,
+                {e: os.path.join(manifests, e) for e in entries if TAG_RE.fullmatch(e)},
+                {e: os.path.join(manifests, e) for e in entries if is_valid_digest(e)}))
+        return found
+
+    def _warn(self, path, message):
+        self.warnings.append("%s %s" % (path, message))
+
+    def _remove_tags(self, repositories):
+        by_name = {repository.name: repository for repository in repositories}
+        kept = set()
+        for image in self.keep:
+            present = [(name, image.tag or image.digest) for name in image.repositories
+                       if name in by_name and (image.tag or image.digest) in (
+                           by_name[name].tags if image.tag else by_name[name].digests)]
+            if not present:
+                self.warnings.append("kept image %s (%s) is not in the tree" % (
+                    image.repositories[0] + (":" + image.tag if image.tag else "@" +
+                                             image.digest), image.where))
+            kept.update(present)
+        for repository in repositories:
+            for tag in list(repository.tags):
+                if (repository.name, tag) not in kept:
+                    self._remove("tag", repository.tags.pop(tag))
+            repository.digests.update()  # digests stay; the manifests step judges them
+        self._kept_digests = {(name, ref) for name, ref in kept if is_valid_digest(ref)}
+
+    def _reachable(self, repositories):
+        """({(repository, manifest digest)}, {real blob path}, [unreadable manifest])
+        of everything the remaining tags, and the digests kept by reference, reach."""
+        pending = [(r, path) for r in repositories for path in r.tags.values()]
+        pending += [(r, r.digests[digest]) for r in repositories for digest in r.digests
+                    if (r.name, digest) in getattr(self, "_kept_digests", ())]
+        manifests, blobs, unreadable, seen = set(), set(), [], set()
+        while pending:
+            repository, path = pending.pop()
+            if (repository.name, path) in seen:
+                continue
+            seen.add((repository.name, path))
+            try:
+                manifest, document = load_manifest(path)
+                children, descriptors = document_references(document)
+            except ManifestProblem as problem:
+                unreadable.append("%s %s" % (path, problem))
+                continue
+            manifests.add((repository.name, manifest.digest))
+            pending += [(repository, repository.digests[child["digest"]])
+                        for child in children if child["digest"] in repository.digests]
+            blobs.update(real_path(os.path.join(repository.directory, "blobs", d["digest"]))
+                         for d in descriptors)
+        return manifests, blobs, unreadable
+
+    def _remove_manifests(self, repositories, live):
+        for repository in repositories:
+            for digest in list(repository.digests):
+                if (repository.name, digest) not in live:
+                    self._remove("manifest", repository.digests.pop(digest))
+
+    def _remove_blobs(self, repositories, live):
+        stores = {real_path(os.path.join(r.directory, "blobs")) for r in repositories}
+        for store in sorted(s for s in stores if s and lies_within(self.root, s)):
+            try:
+                names = sorted(os.listdir(store))
+            except OSError as error:
+                self._warn(store, "cannot be listed: %s" % error.strerror)
+                continue
+            for name in names:
+                path = os.path.join(store, name)
+                if is_valid_digest(name) and real_path(path) not in live:
+                    self._remove("blob", path)
+
+    def _remove(self, kind, path):
+        """Unlink one name (a link itself, never what it points to); record it."""
+        try:
+            st = os.lstat(path)
+            if not self.dry_run:
+                os.unlink(path)
+        except OSError as error:
+            self._warn(path, "cannot be removed: %s" % error.strerror)
+            return
+        size = st.st_size if stat.S_ISREG(st.st_mode) and st.st_nlink <= 1 else 0
+        self.removed.append({"kind": kind, "path": path, "bytes": size})
+
+    def _remove_if_empty(self, directory):
+        """A repository with no manifests left goes, with its blobs link and every parent
+        folder that then holds nothing else, up to the root."""
+        manifests = os.path.join(directory, "manifests")
+        with contextlib.suppress(OSError):
+            if not os.path.islink(manifests) and not os.listdir(manifests):
+                os.rmdir(manifests)
+                self.removed.append({"kind": "repository", "path": directory, "bytes": 0})
+        while directory != self.root and lies_within(self.root, directory):
+            try:
+                entries = os.listdir(directory)
+                if entries == ["blobs"] and os.path.islink(os.path.join(directory, "blobs")):
+                    os.unlink(os.path.join(directory, "blobs"))
+                    entries = []
+                if entries:
+                    return
+                os.rmdir(directory)
+            except OSError:
+                return
+            directory = os.path.dirname(directory)
+
+    def counts(self):
+        return collections.Counter(item["kind"] for item in self.removed)
+
+    def freed(self):
+        return sum(item["bytes"] for item in self.removed)
+
+    def report(self):
+        verb = "would remove" if self.dry_run else "removed"
+        lines = ["%s %s %s" % (verb, item["kind"], item["path"]) for item in self.removed]
+        lines += ["warning: %s" % warning for warning in self.warnings]
+        counts = self.counts()
+        lines.append("gc: %s %d tags, %d manifests, %d blobs, %d repositories: %s freed" % (
+            verb, counts["tag"], counts["manifest"], counts["blob"], counts["repository"],
+            human_bytes(self.freed())))
+        return "\n".join(lines)
+
+    def as_json(self):
+        return json.dumps({"root": self.root, "dry_run": self.dry_run,
+                           "counts": dict(self.counts()), "bytes_freed": self.freed(),
+                           "removed": self.removed, "warnings": self.warnings}, indent=2)
+
+
+def human_bytes(count):
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            return "%.1f %s" % (count, unit) if unit != "B" else "%d B" % count
+        count /= 1000.0
 
 
 # --- The HTTP handler: one request, one route ----------------------------------------
@@ -1097,6 +1394,10 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
             self.connection.settimeout(self.server.send_timeout)
         if self.request_version == "HTTP/0.9":  # "GET /v2/" alone: no client of ours
             self.send_error(HTTPStatus.BAD_REQUEST, "HTTP/0.9 is not supported")
+            return False
+        malformed = malformed_header(self.headers)
+        if malformed is not None:
+            self.send_error(HTTPStatus.BAD_REQUEST, "malformed header %r" % malformed[:100])
             return False
         if self.command in ("GET", "HEAD") and carries_body(self.headers):
             # Never read on as if the body were the next request (request smuggling).
@@ -1449,9 +1750,9 @@ def make_tls_context(cert, key, client_ca=None):
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     for flag, path in (("--cert", cert), ("--key", key), ("--client-ca", client_ca)):
-        try:
+        try:  # a FIFO here would hang OpenSSL's own open, and with it a reload
             if path:
-                open(path, "rb").close()
+                open_regular(path)[0].close()
         except OSError as error:
             raise ConfigError("cannot read %s %s: %s" % (flag, path, error.strerror))
     try:
@@ -1582,6 +1883,13 @@ def take_signals(arrived, timeout=None):
     return signums
 
 
+def ignore_signals():
+    """Once serving is over: the interpreter restores default handlers as it exits, and a
+    SIGHUP then would kill the process mid-exit, which systemd reports as a failure."""
+    for signum in HANDLED_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def signal_name(signums):
     return signal.Signals(min(signums)).name
 
@@ -1598,6 +1906,7 @@ def serve_until_signalled(server, shutdown_timeout):
             log.warning("%d connections still busy after %ss; closing them",
                         left, shutdown_timeout)
         server.server_close()
+        ignore_signals()
 
 
 def act_on_signals(server, arrived):
@@ -1644,11 +1953,15 @@ def serve_workers(server, count, shutdown_timeout):
     for _ in range(count):
         spawn()
     notify_systemd("READY=1")
-    stopping = failed = False
-    while workers or not stopping:
+    kill_at = None  # once stopping: when workers still there are killed
+    failed = False
+    while workers or kill_at is None:
+        stopping = kill_at is not None
         signums = take_signals(arrived, timeout=1.0)
+        if stopping and time.monotonic() > kill_at:
+            forward(signal.SIGKILL)  # a worker stopped (SIGSTOP) or stuck past its drain
         if signums & STOP_SIGNALS and not stopping:
-            stopping = True
+            stopping, kill_at = True, time.monotonic() + shutdown_timeout + 5
             log.info("received %s, stopping %d workers",
                      signal_name(signums & STOP_SIGNALS), count)
             notify_systemd("STOPPING=1")
@@ -1674,6 +1987,7 @@ def serve_workers(server, count, shutdown_timeout):
                 log.error("cannot start a worker: %s", error)
                 break
     server.server_close()
+    ignore_signals()
     return 1 if failed else 0
 
 
