@@ -388,7 +388,10 @@ def paginate(names, query):
 def malformed_header(headers):
     """The first header that is not one 'token: value' line (a space before the colon, a
     control character, a folded continuation), else None. Such a header could hide a
-    Content-Length or Transfer-Encoding from the checks below."""
+    Content-Length or Transfer-Encoding from the checks below. The parser stops at a
+    line it cannot read as a header and notes a defect: the lines after it are lost."""
+    if headers.defects:
+        return type(headers.defects[0]).__name__
     for name, value in headers.items():
         if not TOKEN_RE.fullmatch(name) or "\r" in value or "\n" in value:
             return name

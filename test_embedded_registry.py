@@ -20,6 +20,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import ssl
 import subprocess
 import sys
@@ -2274,6 +2275,8 @@ def test_refusals_are_logged_once_per_file(tmp_path, caplog):
     os.symlink(digest, str(root / "app" / "manifests" / wrong))  # hashes to another digest
     corrupt = builder.blob(os.urandom(1000), "application/octet-stream")
     flip_a_bit(root / "blobs" / corrupt["digest"])
+    os.makedirs(str(root / "c" / "d" / "manifests"))
+    os.symlink(str(outside), str(root / "c" / "d" / "blobs"))
     with caplog.at_level(logging.INFO, logger="embedded_registry"):
         with serving(root) as server:
             conn = connect(server)
@@ -2281,7 +2284,9 @@ def test_refusals_are_logged_once_per_file(tmp_path, caplog):
                 for path in ("/v2/app/manifests/out", "/v2/app/manifests/" + wrong,
                              "/v2/app/blobs/" + corrupt["digest"]):
                     assert fetch(conn, "GET", path)[0] == 404
-    assert count_lines(caplog.text, "resolves outside the root") == 1
+            for number in range(300):  # a new name each time, beneath one bad link
+                assert fetch(conn, "GET", "/v2/c/d/blobs/" + sha256(b"%d" % number))[0] == 404
+    assert count_lines(caplog.text, "resolves outside the root") == 2
     assert count_lines(caplog.text, "does not hash to " + wrong) == 1
     assert count_lines(caplog.text, corrupt["digest"], "WARNING") + count_lines(
         caplog.text, corrupt["digest"], "ERROR") == 1
@@ -2348,6 +2353,12 @@ def test_malformed_targets_and_our_own_faults_get_answers(tmp_path, caplog):
 @pytest.mark.parametrize("framing", [
     b"Content-Length: %d\r\n\r\n",
     b"Transfer-Encoding: chunked\r\n\r\n%x\r\n",
+    b"Content-Length : %d\r\n\r\n",
+    b"Content-Length\t: %d\r\n\r\n",
+    b"Content-Length\x00: %d\r\n\r\n",
+    b"Content-Length:\r\n %d\r\n\r\n",
+    b"Transfer-Encoding : chunked\r\n\r\n%x\r\n",
+    b"X-Before: 1\r\n Transfer-Encoding: chunked\r\n\r\n%x\r\n",
 ])
 def test_a_request_body_is_never_read_as_a_request(tmp_path, framing):
     TreeBuilder(tmp_path).image("app", "amd64", tag="1")
@@ -3205,3 +3216,140 @@ def test_fuzzed_manifests_never_crash_check(tmp_path):
         for name in os.listdir(str(manifests)):
             if name.startswith("sha256:") and os.path.islink(str(manifests / name)):
                 os.unlink(str(manifests / name))
+
+
+# --- Hardening: what the adversarial review found beyond the first findings --------------
+
+@pytest.mark.parametrize("media_type", ["application/x\r\nSet-Cookie: evil=1",
+                                        "application/vnd.oci.image.manifest.v1+json\u2603",
+                                        "", "text"])
+def test_a_media_type_must_be_one_to_be_served(tmp_path, caplog, media_type):
+    builder = TreeBuilder(tmp_path)
+    body, _ = builder.image("app", "amd64")
+    document = json.loads(body)
+    document["mediaType"] = media_type
+    builder.manifest("app", json.dumps(document).encode(), tag="bad")
+    with caplog.at_level(logging.INFO, logger="embedded_registry"):
+        with serving(tmp_path) as server:
+            answer = raw_exchange(server, b"GET /v2/app/manifests/bad HTTP/1.1\r\nHost: x\r\n"
+                                          b"Connection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 404 ") and b"Set-Cookie" not in answer
+    assert " failed: " not in caplog.text
+    result = check(tmp_path)
+    assert result.returncode == 1 and "no valid mediaType" in result.stdout
+
+
+def test_check_judges_each_repository_and_each_name_it_cannot_serve(tmp_path, unprivileged):
+    base, check_as_nobody = unprivileged
+    root = os.path.join(base, "tree")
+    builder = TreeBuilder(root)
+    _, digest = builder.image("a", "amd64", tag="1")
+    os.makedirs(os.path.join(root, "b", "manifests"))  # b shares a's manifest, not its blobs
+    os.symlink(os.path.join("..", "..", "a", "manifests", digest),
+               os.path.join(root, "b", "manifests", "latest"))
+    body, _ = builder.image("x/Upper", "amd64", tag="1")  # not a repository name
+    builder.manifest("c", body)
+    os.rename(os.path.join(root, "c", "manifests", sha256(body)),
+              os.path.join(root, "c", "manifests", "sha512:" + "0" * 128))
+    for top, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(top, name), 0o755)
+    os.chmod(root, 0o755)
+    result = check_as_nobody(root)
+    assert result.returncode == 1
+    assert count_lines(result.stdout, os.path.join(root, "b"), "is missing") >= 1
+    assert count_lines(result.stdout, "Upper", "not a valid repository name") == 1
+    assert "never served" not in result.stdout.replace("repository name (lowercase, digits, "
+                                                       "separators): never served", "")
+    os.chmod(os.path.join(root, "a", "manifests"), 0o744)  # listable, not searchable
+    result = check_as_nobody(root)
+    assert count_lines(result.stdout, os.path.join(root, "a", "manifests", "1"),
+                       "Permission denied") == 1
+
+
+def test_a_fifo_for_a_certificate_never_hangs_a_reload(fixture, tls, tmp_path):
+    live = tmp_path / "live"
+    live.mkdir()
+    for name in ("cert", "key"):
+        shutil.copy(tls[name], str(live / ("server." + name)))
+    with server_process("--root", fixture.root, "--cert", str(live / "server.cert"),
+                        "--key", str(live / "server.key"), "--shutdown-timeout", "2",
+                        drain=True) as (process, url):
+        (live / "server.cert").unlink()
+        os.mkfifo(str(live / "server.cert"))
+        process.send_signal(signal.SIGHUP)
+        time.sleep(1.5)  # past the once-a-second check of the files, too
+        assert https_or_http_status(url, "/v2/", tls["ca"]) == 200
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+    assert "not a regular file" in "".join(process.log_lines)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sighups_after_sigterm_still_end_in_exit_0(fixture, workers):
+    with server_process("--root", fixture.root, "--workers", workers,
+                        drain=True) as (process, url):
+        assert https_or_http_status(url, "/v2/") == 200
+        process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while process.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGHUP)
+            time.sleep(0.0005)
+        assert process.wait(5) == 0
+
+
+def test_a_stopped_worker_does_not_keep_the_server_from_stopping(fixture):
+    with server_process("--root", fixture.root, "--workers", "2", "--shutdown-timeout", "1",
+                        drain=True) as (process, url):
+        workers = child_pids(process.pid)
+        os.kill(workers[0], signal.SIGSTOP)
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        process.wait(20)  # the stopped worker is killed once its drain time is past
+        assert time.monotonic() - started < 15
+        assert child_pids(process.pid) == []
+
+
+def test_devices_in_the_tree_are_never_opened(tmp_path, caplog):
+    if os.geteuid() != 0:
+        pytest.skip("making a device node needs root")
+    builder = TreeBuilder(tmp_path)
+    builder.image("app", "amd64", tag="1")
+    device = sha256(b"a device")
+    os.mknod(str(tmp_path / "blobs" / device), 0o644 | stat.S_IFCHR, os.makedev(1, 5))
+    os.mknod(str(tmp_path / "app" / "manifests" / "zero"), 0o644 | stat.S_IFCHR,
+             os.makedev(1, 5))  # /dev/zero: an endless read if it were opened
+    with caplog.at_level(logging.INFO, logger="embedded_registry"):
+        with serving(tmp_path) as server:
+            for path in ("/v2/app/blobs/" + device, "/v2/app/manifests/zero"):
+                assert fetch(connect(server), "GET", path)[0] == 404
+    assert count_lines(caplog.text, device, "not a regular file") == 1
+    result = check(tmp_path)
+    assert result.returncode == 1 and count_lines(result.stdout, "zero",
+                                                  "not a regular file") == 1
+
+
+def test_a_sparse_or_oversized_archive_member_is_refused(tmp_path, capsys):
+    tar = need("tar")
+    layout = tmp_path / "layout"
+    (layout / "blobs" / "sha256").mkdir(parents=True)
+    big = "sha256:" + "e" * 64
+    with open(str(layout / "blobs" / "sha256" / ("e" * 64)), "wb") as f:
+        f.truncate(800 * 1024 * 1024)  # sparse: 800 MB of nothing
+    huge = b'{"schemaVersion": 2, "x": "' + b"y" * (5 * 1024 * 1024) + b'"}'
+    (layout / "blobs" / "sha256" / sha256(huge)[7:]).write_bytes(huge)
+    index = {"schemaVersion": 2, "manifests": [
+        {"mediaType": dsi.OCI_MANIFEST, "digest": digest, "size": 10,
+         "annotations": {"io.containerd.image.name": "docker.io/library/%s:1" % name}}
+        for name, digest in (("sparse", big), ("huge", sha256(huge)))]}
+    (layout / "index.json").write_text(json.dumps(index))
+    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    archive = str(tmp_path / "hostile.tar")
+    run([tar, "--sparse", "-cf", archive, "-C", str(layout), "."])
+    tree = tmp_path / "tree"
+    code = dsi.main(["--from-archive", archive, "-d", str(tree)])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert "sparse" in err and "over the 4194304-byte manifest limit" in err
+    assert not any(name.startswith(".incoming-") for name in os.listdir(str(tree)))
