@@ -1059,6 +1059,7 @@ class GarbageCollection:
         self.dry_run = dry_run
         self.removed = []  # {"kind", "path", "bytes"}
         self.warnings = []
+        self._kept_digests = set()  # (repository, digest) kept by a reference by digest
 
     def run(self):
         repositories = self._repositories()
@@ -1071,9 +1072,11 @@ class GarbageCollection:
                                  % (len(unreadable), unreadable[0]))
         else:
             self._remove_blobs(repositories, live_blobs)
+        for repository in repositories:
+            if not repository.tags and not repository.digests:
+                self._remove_repository(repository.directory)
         if not self.dry_run:
-            for repository in repositories:
-                self._remove_if_empty(repository.directory)
+            self._remove_empty_folders()
         return self
 
     def _repositories(self):
@@ -1113,7 +1116,6 @@ class GarbageCollection:
             for tag in list(repository.tags):
                 if (repository.name, tag) not in kept:
                     self._remove("tag", repository.tags.pop(tag))
-            repository.digests.update()  # digests stay; the manifests step judges them
         self._kept_digests = {(name, ref) for name, ref in kept if is_valid_digest(ref)}
 
     def _reachable(self, repositories):
@@ -1121,7 +1123,7 @@ class GarbageCollection:
         of everything the remaining tags, and the digests kept by reference, reach."""
         pending = [(r, path) for r in repositories for path in r.tags.values()]
         pending += [(r, r.digests[digest]) for r in repositories for digest in r.digests
-                    if (r.name, digest) in getattr(self, "_kept_digests", ())]
+                    if (r.name, digest) in self._kept_digests]
         manifests, blobs, unreadable, seen = set(), set(), [], set()
         while pending:
             repository, path = pending.pop()
@@ -1172,26 +1174,31 @@ class GarbageCollection:
         size = st.st_size if stat.S_ISREG(st.st_mode) and st.st_nlink <= 1 else 0
         self.removed.append({"kind": kind, "path": path, "bytes": size})
 
-    def _remove_if_empty(self, directory):
-        """A repository with no manifests left goes, with its blobs link and every parent
-        folder that then holds nothing else, up to the root."""
+    def _remove_repository(self, directory):
+        """A repository with no manifests left: its manifests folder goes (the rest with
+        the empty folders, next)."""
         manifests = os.path.join(directory, "manifests")
-        with contextlib.suppress(OSError):
-            if not os.path.islink(manifests) and not os.listdir(manifests):
-                os.rmdir(manifests)
-                self.removed.append({"kind": "repository", "path": directory, "bytes": 0})
-        while directory != self.root and lies_within(self.root, directory):
-            try:
-                entries = os.listdir(directory)
-                if entries == ["blobs"] and os.path.islink(os.path.join(directory, "blobs")):
-                    os.unlink(os.path.join(directory, "blobs"))
+        try:
+            if not self.dry_run:
+                os.rmdir(manifests)  # only if empty: a file written meanwhile keeps it
+        except OSError as error:
+            self._warn(manifests, "cannot be removed: %s" % error.strerror)
+            return
+        self.removed.append({"kind": "repository", "path": directory, "bytes": 0})
+
+    def _remove_empty_folders(self):
+        """Folders that hold nothing but a blobs link, deepest first: what a removed
+        repository leaves, and what an interrupted run left behind."""
+        folders = [top for top, _ in walk_tree(self.root, names_a_repository_part, self._warn)]
+        for folder in reversed(folders[1:]):  # children before their parents; not the root
+            with contextlib.suppress(OSError):
+                link = os.path.join(folder, "blobs")
+                entries = os.listdir(folder)
+                if entries == ["blobs"] and os.path.islink(link):
+                    os.unlink(link)
                     entries = []
-                if entries:
-                    return
-                os.rmdir(directory)
-            except OSError:
-                return
-            directory = os.path.dirname(directory)
+                if not entries:
+                    os.rmdir(folder)
 
     def counts(self):
         return collections.Counter(item["kind"] for item in self.removed)
@@ -2042,6 +2049,33 @@ def seconds(text):
     return value
 
 
+def collect_garbage(args):
+    """--gc: read the kept lists, refuse a damaged tree unless --force, collect, report."""
+    keep = None
+    if args.keep:
+        texts = []
+        for path in args.keep:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    texts.append((path, f.read()))
+            except (OSError, ValueError) as error:
+                raise ConfigError("cannot read --keep %s: %s" % (
+                    path, getattr(error, "strerror", None) or error))
+        try:
+            keep = parse_image_lists(texts)
+        except ValueError as error:
+            raise ConfigError("%s; nothing was removed" % error)
+    damage = TreeCheck(args.root).run()
+    if damage.problems and not args.force:
+        print(damage.report(), file=sys.stderr)
+        print("gc: the tree has %d problems; nothing was removed (mend them, or --force)"
+              % len(damage.problems), file=sys.stderr)
+        return 1
+    result = GarbageCollection(args.root, keep, args.dry_run).run()
+    print(result.as_json() if args.json else result.report())
+    return 0
+
+
 def make_parser():
     parser = argparse.ArgumentParser(
         prog="embedded_registry.py",
@@ -2091,7 +2125,19 @@ def make_parser():
     check.add_argument("--check", action="store_true",
                        help="verify the tree under --root offline and exit: 0 if sound, 1 if not")
     check.add_argument("--deep", action="store_true", help="with --check, hash every blob")
-    check.add_argument("--json", action="store_true", help="with --check, print JSON")
+    check.add_argument("--json", action="store_true", help="with --check or --gc, print JSON")
+    gc = parser.add_argument_group("garbage collection (instead of serving; safe beside a "
+                                   "running server)")
+    gc.add_argument("--gc", action="store_true",
+                    help="remove manifests no tag reaches and blobs no manifest names, "
+                         "then empty repositories; exit 0 when done")
+    gc.add_argument("--keep", action="append", metavar="FILE",
+                    help="with --gc, first remove every tag that no image in these lists "
+                         "(the downloader's -f format) names; may be repeated")
+    gc.add_argument("--dry-run", action="store_true",
+                    help="with --gc, only print what would be removed")
+    gc.add_argument("--force", action="store_true",
+                    help="with --gc, collect a tree that --check finds damaged")
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="log warnings and errors only, no access log")
     parser.add_argument("--debug", action="store_true", help="log tracebacks of failures")
@@ -2109,17 +2155,27 @@ def main(argv=None):
         parser.error("--max-connections must be at least 1")
     if args.workers < 1:
         parser.error("--workers must be at least 1")
+    if args.check and args.gc:
+        parser.error("--check and --gc are separate runs")
+    if (args.keep or args.dry_run or args.force) and not args.gc:
+        parser.error("--keep, --dry-run and --force go with --gc")
     level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
+    if (args.check or args.gc) and not os.path.isdir(args.root):
+        print("%s: error: root directory %s does not exist (--root)" % (
+            parser.prog, args.root), file=sys.stderr)
+        return 2
     if args.check:
-        if not os.path.isdir(args.root):
-            print("%s: error: root directory %s does not exist (--root)" % (
-                parser.prog, args.root), file=sys.stderr)
-            return 2
         result = TreeCheck(args.root, args.deep).run()
         print(result.as_json() if args.json else result.report())
         return 1 if result.problems else 0
+    if args.gc:
+        try:
+            return collect_garbage(args)
+        except ConfigError as error:
+            print("%s: error: %s" % (parser.prog, error), file=sys.stderr)
+            return 2
     raise_open_file_limit()
     try:
         server = build_server(args)

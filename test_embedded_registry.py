@@ -1524,6 +1524,148 @@ def test_check_json_gives_an_inventory_of_what_is_sound(tmp_path):
     assert set(shallow["blobs"]) - set(deep["blobs"]) == {layers[1]["digest"]}
 
 
+# --- Garbage collection -------------------------------------------------------------------
+
+def two_releases(root):
+    """rancher/app:1 and :2 sharing a base layer, and old/gone:1: what each one needs."""
+    builder = TreeBuilder(root)
+    images = {}
+    for repo, tag, extra in (("rancher/app", "1", b"v1"), ("rancher/app", "2", b"v2"),
+                             ("old/gone", "1", b"gone")):
+        body, digest = builder.image(repo, "amd64", extra=extra, tag=tag)
+        document = json.loads(body)
+        images[repo, tag] = {"digest": digest, "body": body, "blobs": {
+            d["digest"]: d["size"] for d in [document["config"]] + document["layers"]}}
+    return images
+
+
+def gc(root, *flags):
+    result = subprocess.run([sys.executable, os.path.join(HERE, "embedded_registry.py"),
+                             "--gc", "--root", str(root)] + list(flags),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True, timeout=60)
+    assert "Traceback" not in result.stderr
+    return result
+
+
+def test_gc_keeps_what_is_kept_and_frees_exactly_the_rest(tmp_path):
+    root = tmp_path / "tree"
+    images = two_releases(root)
+    keep = tmp_path / "keep.txt"
+    keep.write_text("# the release after the upgrade\nrancher/app:2\ndocker.io/x/absent:1\n")
+    before = snapshot(str(tmp_path), "")
+    dry = json.loads(gc(root, "--keep", str(keep), "--dry-run", "--json").stdout)
+    assert snapshot(str(tmp_path), "") == before  # --dry-run removes nothing
+    kept = images["rancher/app", "2"]
+    gone = [images["rancher/app", "1"], images["old/gone", "1"]]
+    freed_blobs = {d: n for image in gone for d, n in image["blobs"].items()
+                   if d not in kept["blobs"]}
+    expected = sum(freed_blobs.values()) + sum(len(image["body"]) for image in gone)
+    result = gc(root, "--keep", str(keep), "--json")
+    report = json.loads(result.stdout)
+    assert report["bytes_freed"] == dry["bytes_freed"] == expected
+    assert report["counts"] == {"tag": 2, "manifest": 2, "blob": len(freed_blobs),
+                                "repository": 1}
+    assert any("docker.io/x/absent:1" in w or "x/absent:1" in w for w in report["warnings"])
+    assert not (root / "old").exists()  # the repository, its blobs link and its folder
+    assert check(root, "--deep").returncode == 0
+    with serving(root) as server:
+        conn = connect(server)
+        assert fetch(conn, "GET", "/v2/rancher/app/manifests/2")[0] == 200
+        for digest in kept["blobs"]:
+            assert sha256(fetch(conn, "GET", "/v2/rancher/app/blobs/" + digest)[2]) == digest
+        assert fetch(conn, "GET", "/v2/rancher/app/manifests/1")[0] == 404
+        assert fetch(conn, "GET", "/v2/old/gone/manifests/1")[0] == 404
+    assert json.loads(gc(root, "--json").stdout)["counts"] == {}  # nothing left to do
+
+
+def test_gc_without_keep_removes_only_what_no_tag_reaches(tmp_path):
+    root = tmp_path / "tree"
+    images = two_releases(root)
+    (root / "rancher" / "app" / "manifests" / "1").unlink()  # an untagged manifest
+    orphan = TreeBuilder(root).blob(b"an orphan blob", "application/octet-stream")
+    report = json.loads(gc(root, "--json").stdout)
+    removed = {os.path.basename(item["path"]) for item in report["removed"]}
+    assert images["rancher/app", "1"]["digest"] in removed and orphan["digest"] in removed
+    assert "tag" not in report["counts"]
+    assert check(root, "--deep").returncode == 0
+    assert (root / "old" / "gone" / "manifests" / "1").exists()
+
+
+@pytest.mark.parametrize("line", ["bad ref!!", "app:bad:tag", "app@sha256:123"])
+def test_gc_refuses_a_bad_keep_line_and_removes_nothing(tmp_path, line):
+    root = tmp_path / "tree"
+    two_releases(root)
+    keep = tmp_path / "keep.txt"
+    keep.write_text("rancher/app:2\n\n" + line + "\n")
+    before = snapshot(str(tmp_path), "")
+    result = gc(root, "--keep", str(keep))
+    assert result.returncode == 2 and "%s:3" % keep in result.stderr
+    assert "nothing was removed" in result.stderr
+    assert snapshot(str(tmp_path), "") == before
+
+
+def test_gc_refuses_a_damaged_tree_unless_forced(tmp_path):
+    root = tmp_path / "tree"
+    images = two_releases(root)
+    layer = sorted(images["rancher/app", "2"]["blobs"])[0]
+    (root / "blobs" / layer).write_bytes(b"x")  # the wrong size
+    keep = tmp_path / "keep.txt"
+    keep.write_text("rancher/app:2\n")
+    before = snapshot(str(tmp_path), "")
+    result = gc(root, "--keep", str(keep))
+    assert result.returncode == 1 and layer in result.stderr
+    assert "nothing was removed" in result.stderr and snapshot(str(tmp_path), "") == before
+    assert gc(root, "--keep", str(keep), "--force").returncode == 0
+    assert not (root / "old").exists() and (root / "blobs" / layer).exists()
+
+
+def test_gc_killed_at_any_point_leaves_a_sound_tree_and_completes_when_run_again(
+        tmp_path, monkeypatch):
+    pristine = tmp_path / "pristine"
+    two_releases(pristine)
+    keep = er.parse_image_lists([("keep", "rancher/app:2\n")])
+    reference = tmp_path / "reference"
+    shutil.copytree(str(pristine), str(reference), symlinks=True)
+    total = len(er.GarbageCollection(str(reference), keep).run().removed)
+    unlink = os.unlink
+    for stop_after in range(total):
+        tree = tmp_path / ("run%d" % stop_after)
+        shutil.copytree(str(pristine), str(tree), symlinks=True)
+        count = [0]
+
+        def dying_unlink(path, *args, **kwargs):
+            if count[0] == stop_after:
+                raise KeyboardInterrupt  # as kill -9 would stop it, mid-way
+            count[0] += 1
+            return unlink(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "unlink", dying_unlink)
+        with pytest.raises(KeyboardInterrupt):
+            er.GarbageCollection(str(tree), keep).run()
+        monkeypatch.setattr(os, "unlink", unlink)
+        assert er.TreeCheck(str(tree), deep=True).run().problems == [], stop_after
+        er.GarbageCollection(str(tree), keep).run()
+        assert snapshot(str(tree), "") == snapshot(str(reference), ""), stop_after
+
+
+def test_a_blob_removed_while_served_keeps_streaming(tmp_path):
+    builder = TreeBuilder(tmp_path)
+    builder.image("app", "amd64", tag="1")
+    orphan = builder.blob(os.urandom(32 * 1024 * 1024), "application/octet-stream")
+    with serving(tmp_path) as server:
+        conn = connect(server)
+        conn.request("GET", "/v2/app/blobs/" + orphan["digest"])
+        response = conn.getresponse()
+        received = [response.read(1024 * 1024)]
+        removed = er.GarbageCollection(str(tmp_path)).run().removed
+        assert [item["path"] for item in removed] == [
+            os.path.join(str(tmp_path), "blobs", orphan["digest"])]
+        assert not (tmp_path / "blobs" / orphan["digest"]).exists()
+        received.append(response.read())
+    assert sha256(b"".join(received)) == orphan["digest"]
+
+
 # --- Blobs verified while served -------------------------------------------------------
 
 def read_cut(conn, path):
