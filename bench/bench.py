@@ -449,6 +449,57 @@ def import_tarball(server, directory):
         os.unlink(tarball)
 
 
+def make_large_tree(directory, manifests=5000, blobs_each=4):
+    """A tree of `manifests` tagged images of `blobs_each` small blobs each, in 100
+    repositories: the size --check --json and --gc are measured on."""
+    root = os.path.join(directory, "large")
+    os.makedirs(os.path.join(root, "blobs"))
+    os.makedirs(os.path.join(root, "team"))
+    os.symlink("../blobs", os.path.join(root, "team", "blobs"))
+    for number in range(manifests):
+        repo = "team/repo%d" % (number % 100)
+        descriptors = []
+        for _ in range(blobs_each):
+            data = os.urandom(64)
+            with open(os.path.join(root, "blobs", sha256(data)), "wb") as f:
+                f.write(data)
+            descriptors.append({"mediaType": "application/octet-stream",
+                                "digest": sha256(data), "size": len(data)})
+        body = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                           "config": descriptors[0], "layers": descriptors[1:]}).encode()
+        manifests_dir = os.path.join(root, repo, "manifests")
+        if not os.path.isdir(manifests_dir):
+            os.makedirs(manifests_dir)
+            os.symlink("../blobs", os.path.join(root, repo, "blobs"))
+        with open(os.path.join(manifests_dir, sha256(body)), "wb") as f:
+            f.write(body)
+        os.symlink(sha256(body), os.path.join(manifests_dir, "t%d" % number))
+    return root
+
+
+def timed_run(argv):
+    """(seconds, peak RSS in MiB) of one command, which must succeed."""
+    started = time.monotonic()
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = status  # reaped here, with its resource usage
+    if status != 0:
+        raise SystemExit("bench: %s failed: %s" % (" ".join(argv), process.stderr.read()))
+    process.stderr.close()
+    return time.monotonic() - started, usage.ru_maxrss / 1024.0
+
+
+def offline_times(directory):
+    """--check --json and --gc (keeping half the images) on 5,000 manifests, 20,000 blobs."""
+    root = make_large_tree(directory)
+    keep = os.path.join(directory, "keep.txt")
+    with open(keep, "w") as f:
+        f.writelines("team/repo%d:t%d\n" % (n % 100, n) for n in range(0, 5000, 2))
+    check = timed_run([sys.executable, SERVER, "--check", "--json", "--root", root])
+    gc = timed_run([sys.executable, SERVER, "--gc", "--keep", keep, "--root", root])
+    return check, gc
+
+
 def start_up_times(directory, certs, root, runs=5):
     """Seconds from process start to the first 200 from /v2/, median of runs."""
     times = []
@@ -608,6 +659,7 @@ def main(argv=None):
         os.makedirs(empty)
         start_many = start_up_times(directory, certs, many)
         start_empty = start_up_times(directory, certs, empty)
+        check, gc = offline_times(directory)
         extra = [
             "   ours is --workers %d; with --workers 1: 3. %.0f req/s, 4. %.0f req/s" % (
                 args.workers, one_worker[0], one_worker[1]),
@@ -621,6 +673,8 @@ def main(argv=None):
                 "yes" if start_many < 0.3 and start_many < start_empty * 1.5 + 0.02 else "NO"),
             "   (distribution's start-up with the bench content: %.0f ms)" % (
                 results["distribution"]["start"] * 1000),
+            "9. 5,000 manifests and 20,000 blobs: --check --json %.1f s, %.0f MiB peak; "
+            "--gc keeping half %.1f s, %.0f MiB peak" % (check + gc),
             "   5. every pull, in turns: %s" % "; ".join(
                 "%s %s" % (name, " ".join("%.2f" % t for t in result["pull runs"]))
                 for name, result in results.items()),
