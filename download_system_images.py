@@ -49,6 +49,7 @@ import os
 import posixpath
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tarfile
@@ -1038,6 +1039,275 @@ def summarise(results, seconds):
     return "\n".join(lines)
 
 
+# --- Bundles: what crosses the gap, and what the other side already has ------------------
+
+BUNDLE_TOP = "registry"  # tar -xf FILE -C /var/lib/rancher/k3s/server/ gives .../registry
+BUNDLE_FORMATS = ((".tar.gz", "gz"), (".tgz", "gz"), (".tar.zst", "zst"), (".tar", ""))
+# What a bundle says of itself, where the server never serves and --check never looks.
+BUNDLE_META = ".bundle"
+
+# What a node holds: {(repository, manifest digest)} and {blob digest}.
+Inventory = collections.namedtuple("Inventory", "manifests blobs")
+
+
+def bundle_format(path):
+    """The compression a bundle's file name asks for; DownloadError for any other name."""
+    for suffix, compression in BUNDLE_FORMATS:
+        if path.endswith(suffix):
+            return compression
+    raise DownloadError("--bundle %s: the name must end in .tar, .tar.gz or .tar.zst" % path)
+
+
+def read_since(path):
+    """The Inventory of --since PATH: a tree directory, or the --check --json report of one."""
+    if os.path.isdir(path):
+        return inventory_of_tree(path)
+    try:
+        with open(path, "rb") as f:
+            report = parse_json(f.read(), "--since %s" % path)
+    except OSError as error:
+        raise DownloadError("cannot read --since %s: %s" % (path, error.strerror))
+    inventory = report.get("inventory") if isinstance(report, dict) else None
+    manifests = inventory.get("manifests") if isinstance(inventory, dict) else None
+    blobs = inventory.get("blobs") if isinstance(inventory, dict) else None
+    if not isinstance(manifests, dict) or not isinstance(blobs, dict):
+        raise DownloadError("--since %s is not an inventory (embedded_registry.py --check "
+                            "--json) nor a tree directory" % path)
+    pairs = [(repo, digest) for digest, repos in manifests.items()
+             for repo in (repos if isinstance(repos, list) else [None])]
+    bad = [d for d in list(blobs) + [d for _, d in pairs] if not matches(DIGEST_RE, d)]
+    bad += [r for r, _ in pairs if not matches(TREE_REPO_RE, r)]
+    if bad:
+        raise DownloadError("--since %s: %s is not a digest or repository name"
+                            % (path, shown(bad[0])))
+    return Inventory(set(pairs), set(blobs))
+
+
+def inventory_of_tree(root):
+    """What embedded_registry.py --check --json lists of a tree: every digest-named
+    manifest that hashes to its name and whose blobs are there with their sizes (with
+    its repositories), and those blobs."""
+    manifests, blobs = set(), set()
+    root = os.path.abspath(root)
+    for top, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d != "blobs"]
+        if "manifests" not in dirs:
+            continue
+        repo = os.path.relpath(top, root).replace(os.sep, "/")
+        for name in sorted(os.listdir(os.path.join(top, "manifests"))):
+            document = sound_manifest(os.path.join(top, "manifests", name), name)
+            if document is None:
+                continue
+            present = [d for d in blob_descriptors_of(document)
+                       if blob_size(os.path.join(top, "blobs", d["digest"])) == d["size"]]
+            if len(present) == len(blob_descriptors_of(document)):
+                manifests.add((repo, name))
+                blobs.update(d["digest"] for d in present)
+    return Inventory(manifests, blobs)
+
+
+def sound_manifest(path, name):
+    """The document of a digest-named manifest file that hashes to its name, else None."""
+    if not matches(DIGEST_RE, name):
+        return None
+    try:
+        with open(path, "rb") as f:
+            body = f.read(MAX_MANIFEST_BYTES + 1)
+        if sha256_digest(body) != name:
+            return None
+        return check_document(parse_json(body, path), path)
+    except (OSError, DownloadError):
+        return None
+
+
+def blob_descriptors_of(document):
+    return [] if manifest_kind(document) == "index" else blob_descriptors(document)
+
+
+def blob_size(path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
+class Bundle:
+    """The members of one bundle, in the order that is safe to unpack beside a serving
+    registry: blobs, then the repositories' blobs links, then digest-named manifests
+    (an index after its children), then tags, then what the bundle says of itself."""
+
+    def __init__(self, root, since=None):
+        self.root = os.path.abspath(root)
+        self.since = since or Inventory(set(), set())
+        self.blobs, self.links, self.manifests, self.tags = {}, set(), [], {}
+        self.left_out = collections.Counter()  # blobs and manifests the other side has
+        self.full_bytes = 0  # what a full bundle would carry
+        self._seen = set()
+
+    def add(self, image, digest, repo):
+        """One image of the run: its manifests and blobs as the tree holds them."""
+        known_repo = any(r == repo for r, _ in self.since.manifests)
+        parts = repo.split("/")
+        if not known_repo:
+            self.links.update("/".join(parts[:depth]) for depth in range(1, len(parts) + 1))
+        for manifest_digest, document in self._manifests_of(repo, digest):
+            for descriptor in blob_descriptors_of(document):
+                self._add_blob(descriptor["digest"])
+            self._add_manifest(repo, manifest_digest)
+        if image.tag:
+            self.tags["%s/manifests/%s" % (repo, image.tag)] = digest
+
+    def _manifests_of(self, repo, digest):
+        """(digest, document) of the top manifest and its children in the tree, children
+        first."""
+        top = self._document(repo, digest)
+        children = [c["digest"] for c in top.get("manifests", [])
+                    if manifest_kind(top) == "index" and
+                    os.path.isfile(self._path(repo, "manifests", c["digest"]))]
+        return [(c, self._document(repo, c)) for c in children] + [(digest, top)]
+
+    def _document(self, repo, digest):
+        with open(self._path(repo, "manifests", digest), "rb") as f:
+            return check_document(parse_json(f.read(), digest), digest)
+
+    def _path(self, repo, kind, name):
+        return os.path.join(self.root, *repo.split("/"), kind, name)
+
+    def _add_blob(self, digest):
+        if digest in self._seen:
+            return
+        self._seen.add(digest)
+        size = os.path.getsize(os.path.join(self.root, "blobs", digest))
+        self.full_bytes += size
+        if digest in self.since.blobs:
+            self.left_out["blobs"] += 1
+        else:
+            self.blobs[digest] = size
+
+    def _add_manifest(self, repo, digest):
+        if (repo, digest) in self._seen:
+            return
+        self._seen.add((repo, digest))
+        self.full_bytes += os.path.getsize(self._path(repo, "manifests", digest))
+        if (repo, digest) in self.since.manifests:
+            self.left_out["manifests"] += 1
+        else:
+            self.manifests.append((repo, digest))
+
+    def write(self, path, meta):
+        """Write the bundle to path, under a temporary name renamed once complete, and
+        path.sha256 beside it (sha256sum -c); returns its size. meta: [(name, text)]."""
+        compression = bundle_format(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, temp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".",
+                                    suffix=".partial", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as out, compressed(out, compression, path) as stream:
+                with tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                    self._add_members(tar, meta)
+            digest = file_digest(temp)
+            os.chmod(temp, 0o644)
+            os.replace(temp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
+        write_atomic(path + ".sha256", ("%s  %s\n" % (
+            digest.split(":", 1)[1], os.path.basename(path))).encode())
+        return os.path.getsize(path)
+
+    def _add_members(self, tar, meta):
+        for digest in sorted(self.blobs):
+            self._add_file(tar, "blobs/" + digest, os.path.join(self.root, "blobs", digest))
+        for repo in sorted(self.links):
+            self._add_link(tar, repo + "/blobs", "../blobs")
+        for repo, digest in self.manifests:
+            self._add_file(tar, "%s/manifests/%s" % (repo, digest),
+                           self._path(repo, "manifests", digest))
+        for name, digest in sorted(self.tags.items()):
+            self._add_link(tar, name, digest)
+        for name, text in meta:
+            data = text.encode()
+            info = bundle_member("%s/%s" % (BUNDLE_META, name))
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+    @staticmethod
+    def _add_file(tar, name, source):
+        with open(source, "rb") as f:
+            info = bundle_member(name)
+            info.size = os.fstat(f.fileno()).st_size
+            tar.addfile(info, f)
+
+    @staticmethod
+    def _add_link(tar, name, target):
+        info = bundle_member(name)
+        info.type, info.linkname = tarfile.SYMTYPE, target
+        tar.addfile(info)
+
+
+def bundle_member(name):
+    info = tarfile.TarInfo("%s/%s" % (BUNDLE_TOP, name))
+    info.mode, info.mtime = 0o644, int(time.time())
+    return info
+
+
+@contextlib.contextmanager
+def compressed(out, compression, path):
+    """A stream that writes into out as the bundle's name asks: plain, gzip or zstd."""
+    if compression == "gz":
+        with gzip.GzipFile(filename="", fileobj=out, mode="wb", mtime=0) as gz:
+            yield gz
+        return
+    if compression != "zst":
+        yield out
+        return
+    zstd = shutil.which("zstd")
+    if not zstd:
+        raise DownloadError("--bundle %s: the zstd program is not installed (apt-get install "
+                            "zstd), or name a .tar.gz bundle" % path)
+    process = subprocess.Popen([zstd, "-q", "-c", "-T0"], stdin=subprocess.PIPE, stdout=out)
+    try:
+        yield process.stdin
+    finally:
+        process.stdin.close()
+        if process.wait() != 0:
+            raise DownloadError("zstd failed writing %s" % path)
+
+
+def read_all_since(paths):
+    """One Inventory of everything every --since PATH has."""
+    since = Inventory(set(), set())
+    for path in paths:
+        more = read_since(path)
+        since = Inventory(since.manifests | more.manifests, since.blobs | more.blobs)
+    return since
+
+
+def make_bundle(path, results, args, version, since):
+    """Write the run's bundle; returns its summary line."""
+    bundle = Bundle(args.directory, since)
+    ok = [r for r in results if r.ok]
+    for result in ok:
+        bundle.add(result.image, result.message, result.image.tree_repo(not args.no_trim))
+    # By tag where there is one, as an image list names it (--gc --keep reads this file).
+    meta = [("images.txt", "".join(str(r.image._replace(digest=None) if r.image.tag
+                                       else r.image) + "\n" for r in ok))]
+    if version:
+        meta.append(("k3s-version", version + "\n"))
+    try:
+        size = bundle.write(path, meta)
+    except OSError as error:
+        raise DownloadError("cannot write bundle %s: %s" % (path, error.strerror or error))
+    content = sum(bundle.blobs.values()) + sum(
+        os.path.getsize(bundle._path(repo, "manifests", d)) for repo, d in bundle.manifests)
+    return "bundle %s: %s (content %s; a full bundle's: %s); %d blobs and %d manifests " \
+        "already there" % (os.path.basename(path), human_bytes(size), human_bytes(content),
+                           human_bytes(bundle.full_bytes), bundle.left_out["blobs"],
+                           bundle.left_out["manifests"])
+
+
 # --- A demo tree (make run) ---------------------------------------------------------
 
 def write_demo_image(root):
@@ -1123,6 +1393,15 @@ def make_parser():
                         help="import docker-archive or oci-archive files (.tar, .tar.gz, "
                              ".tar.zst), such as k3s-airgap-images-<arch>.tar, instead of "
                              "downloading; needs no crane, skopeo or internet")
+    bundle = parser.add_argument_group("bundles (what crosses the air gap)")
+    bundle.add_argument("--bundle", metavar="FILE",
+                        help="after the run, write FILE (.tar, .tar.gz or .tar.zst) holding "
+                             "exactly this run's images, and FILE.sha256; unpack it on the "
+                             "node with tar -xf FILE -C /var/lib/rancher/k3s/server/")
+    bundle.add_argument("--since", action="append", default=[], metavar="PATH",
+                        help="with --bundle, leave out what PATH already has: the node's "
+                             "inventory (embedded_registry.py --check --json) or a copy of "
+                             "its tree; may be repeated")
     parser.add_argument("--demo", action="store_true",
                         help="write a one-image demo tree (demo/hello:latest) and exit")
     parser.add_argument("--debug", action="store_true", help="print every tool command")
@@ -1131,7 +1410,8 @@ def make_parser():
 
 
 def read_lists(args):
-    images = []
+    """(images, the k3s version whose list was read, or None)."""
+    images, version = [], None
     if not args.skip_k3s:
         version = resolve_k3s_version(args.version, args.channel_url)
         log.info("Downloading image list for %s", version)
@@ -1143,7 +1423,7 @@ def read_lists(args):
         except OSError as error:
             raise DownloadError("cannot read image list %s: %s" % (path, error.strerror))
         images += parse_image_list(text, path)
-    return images
+    return images, version
 
 
 def read_archives(paths, workdir):
@@ -1163,23 +1443,31 @@ def main(argv=None):
         parser.error("--jobs must be at least 1")
     if args.from_archive and args.file:
         parser.error("--from-archive imports archives only; download -f lists in another run")
+    if args.since and not args.bundle:
+        parser.error("--since goes with --bundle")
     if args.skip_k3s and not args.file and not args.demo:
         parser.error("-s/--skip-k3s needs at least one -f image list")
     level = logging.DEBUG if args.debug else logging.ERROR if args.quiet else logging.INFO
     logging.basicConfig(level=level, stream=sys.stderr, format="%(message)s")
     started = time.monotonic()
-    writer = None
+    writer = bundled = None
     try:
         if args.demo:
             write_demo_image(args.directory)
             log.info("wrote demo/hello:latest into %s", args.directory)
             return 0
         platforms = parse_platforms(args.platform)
+        version = None
+        if args.bundle:  # every mistake in the bundle's flags is found before downloading
+            bundle_format(args.bundle)
+            if not os.path.isdir(os.path.dirname(os.path.abspath(args.bundle))):
+                raise DownloadError("--bundle %s: its directory does not exist" % args.bundle)
+            since = read_all_since(args.since)
         if args.from_archive:
             writer = TreeWriter(args.directory)
             tool, images = read_archives(args.from_archive, writer.workdir)
         else:
-            images = read_lists(args)
+            images, version = read_lists(args)
         if args.registries_yaml:
             write_atomic(args.registries_yaml, registries_yaml(
                 [image.registry for image, _ in images], args.endpoint, args.ca_file).encode())
@@ -1193,6 +1481,10 @@ def main(argv=None):
             writer = TreeWriter(args.directory)
         results = download_all(Downloader(tool, writer, platforms, not args.no_trim, args.jobs),
                                images)
+        results += [Result(what, False, message, 0, 0, 0)
+                    for what, message in tool.problems]
+        if args.bundle:
+            bundled = make_bundle(args.bundle, results, args, version, since)
     except DownloadError as error:
         print("%s: error: %s" % (parser.prog, error), file=sys.stderr)
         return 2
@@ -1202,9 +1494,9 @@ def main(argv=None):
     finally:
         if writer:
             writer.close()
-    results += [Result(what, False, message, 0, 0, 0)
-                for what, message in tool.problems]
     summary = summarise(results, time.monotonic() - started)
+    if bundled:
+        summary += "\n" + bundled
     print(summary, file=sys.stderr if not all(r.ok for r in results) else sys.stdout)
     return 0 if all(r.ok for r in results) else 1
 

@@ -98,6 +98,10 @@ MAX_POSITION_DIGITS = 18
 # ROOT/<ns>/<repo>/manifests is the deepest path a request can name: the tree walker
 # never descends below it, however deep a directory chain on disk goes.
 MAX_TREE_PATH = 2 * MAX_NAME_LENGTH + 1 + len("/manifests")
+# How often, and how far apart, a missing tag is looked for again while its folder is
+# being written to (a bundle unpacking): tar leaves it missing for microseconds.
+TAG_LOOKUPS = 4
+TAG_LOOKUP_PAUSE = 0.01
 # Large reads let OpenSSL encrypt big records with the GIL released.
 COPY_CHUNK = 1024 * 1024
 # Where a blob's copy buffer starts within its memory page; see page_offset_buffer().
@@ -677,6 +681,15 @@ def find_repositories(root, on_problem):
                 yield name, top
 
 
+def blob_store(root, repo):
+    """Where a repository's blobs are: its blobs folder (usually a link to root/blobs),
+    or root/blobs itself while there is none. GNU tar unpacks a link whose target has
+    '..' as an empty placeholder file until the end of the archive, so a bundle unpacked
+    beside the server leaves a repository without its blobs folder for a while."""
+    own = os.path.join(repo, "blobs")
+    return own if os.path.isdir(own) else os.path.join(root, "blobs")
+
+
 def names_a_repository_part(entry):
     """Directories that can hold repositories: not a repository's own folders, and not
     the hidden work folders of the downloader."""
@@ -747,17 +760,33 @@ class Tree:
         return real if real and os.path.isdir(real) else None
 
     def manifest(self, name, reference, ns=None):
-        for repo in self.repo_dirs(name, ns):
-            real = self._resolve(os.path.join(repo, "manifests", reference))
-            found = real and self._load_manifest(real)
-            if found and is_digest(reference) and not self._matches(found, reference):
-                self.warn_once(("mismatch", real, reference), found.digest, logging.ERROR,
-                               "manifest %s does not hash to %s; not served", real, reference)
-                found = None
-            if found:
-                return found
+        repos = self.repo_dirs(name, ns)
+        for attempt in range(TAG_LOOKUPS):
+            for repo in repos:
+                real = self._resolve(os.path.join(repo, "manifests", reference))
+                found = real and self._load_manifest(real)
+                if found and is_digest(reference) and not self._matches(found, reference):
+                    self.warn_once(("mismatch", real, reference), found.digest, logging.ERROR,
+                                   "manifest %s does not hash to %s; not served", real,
+                                   reference)
+                    found = None
+                if found:
+                    return found
+            if is_digest(reference) or not any(map(self._being_written, repos)):
+                break
+            # tar replaces a tag by removing it and then making the new one: a tag missing
+            # from a folder that is being written to may be back in a moment.
+            time.sleep(TAG_LOOKUP_PAUSE)
         raise RegistryError(HTTPStatus.NOT_FOUND, "MANIFEST_UNKNOWN", "manifest unknown",
                             {"name": name, "reference": reference})
+
+    @staticmethod
+    def _being_written(repo):
+        try:
+            changed = os.stat(os.path.join(repo, "manifests")).st_mtime
+        except OSError:
+            return False
+        return abs(time.time() - changed) < 2
 
     @staticmethod
     def _matches(found, digest):
@@ -796,7 +825,7 @@ class Tree:
     def open_blob(self, name, digest, ns=None):
         """The Blob, open, or RegistryError BLOB_UNKNOWN (also for one known to be corrupt)."""
         for repo in self.repo_dirs(name, ns):
-            real = self._resolve(os.path.join(repo, "blobs", digest))
+            real = self._resolve(os.path.join(blob_store(self.root, repo), digest))
             if not real:
                 continue
             try:
@@ -981,7 +1010,7 @@ class TreeCheck:
 
     def _check_blob(self, repo_dir, path, descriptor):
         digest = descriptor["digest"]
-        blob = real_path(os.path.join(repo_dir, "blobs", digest)) or ""
+        blob = real_path(os.path.join(blob_store(self.root, repo_dir), digest)) or ""
         if (blob, digest) not in self._blobs_seen:  # a verdict holds for one digest only
             self._blobs_seen[blob, digest] = self._verify_blob(blob, descriptor)
             self.counts["blobs"] += 1
@@ -1139,8 +1168,8 @@ class GarbageCollection:
             manifests.add((repository.name, manifest.digest))
             pending += [(repository, repository.digests[child["digest"]])
                         for child in children if child["digest"] in repository.digests]
-            blobs.update(real_path(os.path.join(repository.directory, "blobs", d["digest"]))
-                         for d in descriptors)
+            store = blob_store(self.root, repository.directory)
+            blobs.update(real_path(os.path.join(store, d["digest"])) for d in descriptors)
         return manifests, blobs, unreadable
 
     def _remove_manifests(self, repositories, live):
@@ -1150,7 +1179,7 @@ class GarbageCollection:
                     self._remove("manifest", repository.digests.pop(digest))
 
     def _remove_blobs(self, repositories, live):
-        stores = {real_path(os.path.join(r.directory, "blobs")) for r in repositories}
+        stores = {real_path(blob_store(self.root, r.directory)) for r in repositories}
         for store in sorted(s for s in stores if s and lies_within(self.root, s)):
             try:
                 names = sorted(os.listdir(store))

@@ -3387,6 +3387,7 @@ def test_check_judges_each_repository_and_each_name_it_cannot_serve(tmp_path, un
     builder = TreeBuilder(root)
     _, digest = builder.image("a", "amd64", tag="1")
     os.makedirs(os.path.join(root, "b", "manifests"))  # b shares a's manifest, not its blobs
+    os.makedirs(os.path.join(root, "b", "blobs"))
     os.symlink(os.path.join("..", "..", "a", "manifests", digest),
                os.path.join(root, "b", "manifests", "latest"))
     body, _ = builder.image("x/Upper", "amd64", tag="1")  # not a repository name
@@ -3495,3 +3496,148 @@ def test_a_sparse_or_oversized_archive_member_is_refused(tmp_path, capsys):
     assert code == 1 and "Traceback" not in err
     assert "sparse" in err and "over the 4194304-byte manifest limit" in err
     assert not any(name.startswith(".incoming-") for name in os.listdir(str(tree)))
+
+
+# --- Bundles: the trips across the gap -----------------------------------------------------
+
+def release_archive(path, images):
+    """An oci-archive of {reference: [layer bytes]}: images that share a layer share its blob."""
+    blobs, entries = {}, []
+
+    def add(data, media_type):
+        blobs[sha256(data)] = data
+        return {"mediaType": media_type, "digest": sha256(data), "size": len(data)}
+
+    for reference, layers in sorted(images.items()):
+        config = json.dumps({"architecture": "amd64", "os": "linux", "image": reference,
+                             "rootfs": {"type": "layers", "diff_ids": []}}).encode()
+        manifest = json.dumps({
+            "schemaVersion": 2, "mediaType": dsi.OCI_MANIFEST,
+            "config": add(config, "application/vnd.oci.image.config.v1+json"),
+            "layers": [add(layer, "application/vnd.oci.image.layer.v1.tar") for layer in layers]
+        }).encode()
+        entry = add(manifest, dsi.OCI_MANIFEST)
+        entry["annotations"] = {"io.containerd.image.name": reference}
+        entries.append(entry)
+    members = {"oci-layout": b'{"imageLayoutVersion": "1.0.0"}',
+               "index.json": json.dumps({"schemaVersion": 2, "manifests": entries}).encode()}
+    members.update(("blobs/sha256/" + d.split(":")[1], data) for d, data in blobs.items())
+    return tar_of(path, members)
+
+
+BASE = b"base layer " * 5000
+V1 = {"docker.io/rancher/app:1": [BASE, b"app v1"], "docker.io/rancher/tool:1": [BASE, b"tool"],
+      "docker.io/rancher/old:1": [BASE, b"old"]}
+V2 = {"docker.io/rancher/app:2": [BASE, b"app v2"], "docker.io/rancher/tool:1": [BASE, b"tool"],
+      "docker.io/rancher/new:1": [BASE, b"new"]}
+
+
+def bundle_members(path):
+    return run([need("tar"), "-tf", str(path)]).stdout.split()
+
+
+def unpack(bundle, node):
+    node.mkdir(exist_ok=True)
+    run([need("tar"), "-xf", str(bundle), "-C", str(node)])
+    return node / "registry"
+
+
+@pytest.mark.parametrize("suffix", [".tar", ".tar.gz", ".tar.zst"])
+def test_a_bundle_holds_the_run_and_unpacks_with_tar(tmp_path, capsys, suffix):
+    archive = release_archive(tmp_path / "v1.tar", V1)
+    bundle = tmp_path / ("v1" + suffix)
+    code = dsi.main(["--from-archive", archive, "-d", str(tmp_path / "tree"),
+                     "--bundle", str(bundle)])
+    out = capsys.readouterr().out
+    assert code == 0 and "bundle v1%s:" % suffix in out, out
+    run([need("sha256sum"), "-c", bundle.name + ".sha256"], cwd=str(tmp_path))
+    names = bundle_members(bundle)
+    kinds = ["blob" if "/blobs/sha256:" in n and n.startswith("registry/blobs/") else
+             "link" if n.endswith("/blobs") else "manifest" if "/manifests/sha256:" in n else
+             "meta" if "/.bundle/" in n else "tag" for n in names]
+    assert kinds == sorted(kinds, key=["blob", "link", "manifest", "tag", "meta"].index), names
+    assert kinds.count("tag") == 3 and kinds.count("blob") == 1 + 3 * 2
+    assert not any(n.startswith(".") or ".partial" in n for n in os.listdir(str(tmp_path)))
+    tree = unpack(bundle, tmp_path / "node")
+    assert check(tree, "--deep").returncode == 0
+    assert (tree / ".bundle" / "images.txt").read_text().split() == sorted(V1)
+    with serving(tree) as server:
+        for reference in V1:
+            repo, tag = reference[len("docker.io/"):].split(":")
+            status, headers, _ = fetch(connect(server), "GET", "/v2/%s/manifests/%s" % (repo, tag))
+            assert status == 200
+
+
+def test_a_differential_bundle_carries_only_what_the_node_lacks(tmp_path, capsys):
+    internet = tmp_path / "internet"
+    internet.mkdir()
+    dsi.main(["--from-archive", release_archive(internet / "v1.tar", V1), "-d",
+              str(internet / "tree"), "--bundle", str(internet / "v1.tar.gz")])
+    node = unpack(internet / "v1.tar.gz", tmp_path / "node")
+    inventory = internet / "inventory.json"
+    inventory.write_text(check(node, "--json").stdout)  # carried back across the gap
+    shutil.copytree(str(node), str(internet / "shipped"), symlinks=True)
+    v2 = release_archive(internet / "v2.tar", V2)
+    capsys.readouterr()
+    bundles = {}
+    for name, since in (("full", []), ("inventory", ["--since", str(inventory)]),
+                        ("tree", ["--since", str(internet / "shipped")])):
+        bundles[name] = internet / ("v2-%s.tar" % name)
+        assert dsi.main(["--from-archive", v2, "-d", str(internet / "tree"),
+                         "--bundle", str(bundles[name])] + since) == 0
+    summary = capsys.readouterr().out
+    # The base layer, and tool:1 whole (its config, layer and manifest).
+    assert "3 blobs and 1 manifests already there" in summary
+    with tarfile.open(str(bundles["inventory"])) as one, tarfile.open(str(bundles["tree"])) as two:
+        assert [(m.name, m.linkname, m.size) for m in one] == [(m.name, m.linkname, m.size)
+                                                               for m in two]
+    differential = set(bundle_members(bundles["inventory"]))
+    assert not any(n.startswith("registry/blobs/") and n[len("registry/blobs/"):] in
+                   json.loads(inventory.read_text())["inventory"]["blobs"] for n in differential)
+    assert os.path.getsize(str(bundles["inventory"])) < os.path.getsize(str(bundles["full"]))
+    assert "registry/rancher/tool/manifests/1" in differential  # every tag of the run
+    shutil.copytree(str(node), str(tmp_path / "full-node" / "registry"), symlinks=True)
+    full_node = unpack(bundles["full"], tmp_path / "full-node")
+    node = unpack(bundles["inventory"], tmp_path / "node")
+    assert check(node, "--deep").returncode == 0
+    assert snapshot(str(node), str(node / ".bundle")) == snapshot(str(full_node),
+                                                                  str(full_node / ".bundle"))
+    keep = node / ".bundle" / "images.txt"
+    report = json.loads(gc(node, "--keep", str(keep), "--json").stdout)
+    assert report["counts"]["tag"] == 2  # app:1 and old:1
+    old_only = sha256(b"old"), sha256(b"app v1")
+    assert {os.path.basename(i["path"]) for i in report["removed"]} >= set(old_only)
+    assert check(node, "--deep").returncode == 0
+
+
+def test_bundle_errors_are_one_line_and_leave_nothing_behind(tmp_path, capsys):
+    archive = release_archive(tmp_path / "v1.tar", V1)
+    (tmp_path / "other.json").write_text('{"inventory": {"manifests": []}}')
+    tree = str(tmp_path / "tree")
+    for args, message in (
+            (["--bundle", str(tmp_path / "missing" / "b.tar")], "its directory does not exist"),
+            (["--bundle", str(tmp_path / "b.zip")], "must end in .tar, .tar.gz or .tar.zst"),
+            (["--bundle", str(tmp_path / "b.tar"), "--since", archive], "is not valid JSON"),
+            (["--bundle", str(tmp_path / "b.tar"), "--since", str(tmp_path / "other.json")],
+             "is not an inventory"),
+            (["--bundle", str(tmp_path / "b.tar"), "--since", str(tmp_path / "nope.json")],
+             "cannot read --since")):
+        assert dsi.main(["--from-archive", archive, "-d", tree] + args) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+        assert not os.path.exists(str(tmp_path / "b.tar"))
+    assert not [n for n in os.listdir(str(tmp_path)) if "partial" in n]
+
+
+def test_a_damaged_bundle_is_caught_by_sha256sum_and_tar(tmp_path, capsys):
+    bundle = tmp_path / "v1.tar.gz"
+    dsi.main(["--from-archive", release_archive(tmp_path / "v1.tar", V1), "-d",
+              str(tmp_path / "tree"), "--bundle", str(bundle)])
+    data = bundle.read_bytes()
+    bundle.write_bytes(data[:len(data) // 2])
+    result = subprocess.run([need("sha256sum"), "-c", bundle.name + ".sha256"],
+                            cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert result.returncode != 0
+    result = subprocess.run([need("tar"), "-tzf", str(bundle)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert result.returncode != 0
