@@ -3641,3 +3641,133 @@ def test_a_damaged_bundle_is_caught_by_sha256sum_and_tar(tmp_path, capsys):
     result = subprocess.run([need("tar"), "-tzf", str(bundle)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     assert result.returncode != 0
+
+
+# The k3s-like release sets of the upgrade journey: most of v2 is v1, as in real k3s
+# releases (every image shares one base layer); app is bumped, gone is gone, new is new.
+UPGRADE_V1 = [("rancher/app", "1", b"v1"), ("rancher/tool", "1", b"tool"),
+              ("rancher/gone", "1", b"gone")]
+UPGRADE_V2 = [("rancher/app", "2", b"v2"), ("rancher/tool", "1", b"tool"),
+              ("rancher/new", "1", b"new")]
+
+
+def test_upgrade_journey(tls, containerd, tmp_path, capsys):
+    skopeo = need("skopeo")
+    tar = need("tar")
+    # The upstream distribution holds both sets.
+    staging = TreeBuilder(tmp_path / "staging")
+    base = make_layer({"usr/lib/base.bin": random.Random(SEED).randbytes(2 * 1024 * 1024)})
+    blobs_of = {}
+    for repo, tag, extra in UPGRADE_V1 + UPGRADE_V2:
+        own = make_layer({"app/" + repo: extra})
+        config = json.dumps({"architecture": "amd64", "os": "linux",
+                             "config": {"Entrypoint": ["/app/" + repo]}, "rootfs": {
+                                 "type": "layers", "diff_ids": [sha256(base[1]), sha256(own[1])]}
+                             }).encode()
+        layer_type = "application/vnd.oci.image.layer.v1.tar+gzip"
+        document = {"schemaVersion": 2, "mediaType": er.OCI_MANIFEST,
+                    "config": staging.blob(config, "application/vnd.oci.image.config.v1+json"),
+                    "layers": [staging.blob(base[0], layer_type),
+                               staging.blob(own[0], layer_type)]}
+        staging.manifest(repo, json.dumps(document).encode(), tag=tag)
+        blobs_of[repo, tag] = {d["digest"]: d["size"]
+                               for d in [document["config"]] + document["layers"]}
+    upstream = Upstream(str(tmp_path))
+    try:
+        with serving(staging.root, tls) as server:
+            for repo, tag, _ in UPGRADE_V1 + UPGRADE_V2:
+                upstream.push("docker://%s/%s:%s" % (host_port(server), repo, tag),
+                              "%s:%s" % (repo, tag), skopeo, cert_dir_for(tls))
+        internet, node = tmp_path / "internet", tmp_path / "node"
+        internet.mkdir()
+        node.mkdir()
+        lists = {}
+        for name, images in (("v1", UPGRADE_V1), ("v2", UPGRADE_V2)):
+            lists[name] = internet / (name + ".txt")
+            lists[name].write_text("".join("%s/%s:%s\n" % (upstream.host, repo, tag)
+                                           for repo, tag, _ in images))
+
+        def download(name, *flags):
+            result = downloader(["-s", "-f", str(lists[name]), "--insecure", "--tool", "skopeo",
+                                 "-d", str(internet / "tree")] + list(flags))
+            assert result.returncode == 0, result.stderr
+            return result.stdout
+
+        # 1. Internet host: v1, and a full bundle of it.
+        download("v1", "--bundle", str(internet / "v1.tar.gz"))
+        # 2. Node: unpack it, serve it, containerd pulls v1.
+        run([tar, "-xf", str(internet / "v1.tar.gz"), "-C", str(node)])
+        root = node / "registry"
+        port = free_port()
+        endpoint = "https://127.0.0.1:%d" % port
+        write_hosts_toml(containerd.hosts_dir, upstream.host, [endpoint], tls["ca"])
+
+        def pull(repo, reference):
+            sep = "@" if reference.startswith("sha256:") else ":"
+            ref = "%s/%s%s%s" % (upstream.host, repo, sep, reference)
+            containerd("images", "pull", "--hosts-dir", containerd.hosts_dir, ref)
+            containerd("images", "rm", "--sync", ref)
+
+        with registry_on(port, root, tls, tmp_path / "registry.log"):
+            for repo, tag, _ in UPGRADE_V1:
+                pull(repo, tag)
+            # 3. Node: the inventory that is carried back.
+            inventory = internet / "node-inventory.json"
+            inventory.write_text(check(root, "--json").stdout)
+            # 4. Internet host: v2, full and differential.
+            download("v2", "--bundle", str(internet / "v2-full.tar.gz"))
+            summary = download("v2", "--bundle", str(internet / "v2.tar.gz"),
+                               "--since", str(inventory))
+            node_blobs = set(json.loads(inventory.read_text())["inventory"]["blobs"])
+            members = bundle_members(internet / "v2.tar.gz")
+            assert not node_blobs & {m.rsplit("/", 1)[1] for m in members
+                                     if m.startswith("registry/blobs/")}
+            sizes = [os.path.getsize(str(internet / n)) for n in ("v2-full.tar.gz", "v2.tar.gz")]
+            assert sizes[1] < sizes[0] / 10, sizes  # the 2 MiB base layer stays home
+            # 5. Node: unpack it member by member while containerd pulls what is there.
+            pulls, failures, done = [0], [], threading.Event()
+
+            def keep_pulling():
+                while not done.is_set():
+                    for repo, tag, _ in UPGRADE_V1[:2]:
+                        try:
+                            pull(repo, tag)
+                            pulls[0] += 1
+                        except AssertionError as error:
+                            failures.append(str(error)[-500:])
+
+            puller = threading.Thread(target=keep_pulling)
+            puller.start()
+            try:
+                for member in members:
+                    run([tar, "-xf", str(internet / "v2.tar.gz"), "-C", str(node), member])
+                    time.sleep(0.2)
+            finally:
+                done.set()
+                puller.join(120)
+            assert not failures and pulls[0] >= 2, (pulls, failures)
+            for repo, tag, _ in UPGRADE_V2:
+                pull(repo, tag)
+            tool_digest = (root / "rancher" / "tool" / "manifests" / "1").resolve().name
+            pull("rancher/tool", tool_digest)
+            # 6. Node: --gc with the bundle's own list frees exactly the v1-only blobs.
+            v2_blobs = {d for (repo, tag, _) in UPGRADE_V2 for d in blobs_of[repo, tag]}
+            v1_only = {d: n for (repo, tag, _) in UPGRADE_V1
+                       for d, n in blobs_of[repo, tag].items() if d not in v2_blobs}
+            report = json.loads(gc(root, "--keep", str(root / ".bundle" / "images.txt"),
+                                   "--json").stdout)
+            freed = {os.path.basename(i["path"]): i["bytes"] for i in report["removed"]
+                     if i["kind"] == "blob"}
+            assert freed == v1_only
+            assert check(root, "--deep").returncode == 0
+            for repo, tag, _ in UPGRADE_V2:
+                pull(repo, tag)
+            with pytest.raises(AssertionError):
+                pull("rancher/gone", "1")
+    finally:
+        upstream.stop()
+    with capsys.disabled():
+        print("\n[upgrade] %s\n[upgrade] full v2 bundle %d bytes, differential %d bytes; "
+              "%d pulls during the unpack; --gc freed %d bytes of v1-only blobs" % (
+                  summary.strip().splitlines()[-1], sizes[0], sizes[1], pulls[0],
+                  sum(freed.values())))
