@@ -3,8 +3,12 @@
 
 Usage:
 
-    python3 download_system_images.py -f extra-images.txt -p linux/arm64
-    tar -zcf registry.tar.gz registry          # carry it across the air gap
+    python3 download_system_images.py -f extra-images.txt -p linux/arm64 \
+        --bundle registry-v1.tar.gz             # carry it across the air gap
+
+    # later trips: only what the node lacks (its embedded_registry.py --check --json)
+    python3 download_system_images.py -v v1.32.1+k3s1 -f extra-images.txt -p linux/arm64 \
+        --bundle registry-v2.tar.gz --since node-inventory.json
 
 It reads the image list of a k3s release (k3s-images.txt; -v picks the version or
 channel, default stable) plus any -f lists, and for each image saves:

@@ -12,7 +12,10 @@ Usage (on the node):
     python3 embedded_registry.py --root ./registry          # plain HTTP, loopback
 
 then point containerd at https://127.0.0.1:5443 through /etc/rancher/k3s/registries.yaml
-(see README.md).
+(see README.md). Offline, beside a running server:
+
+    python3 embedded_registry.py --check --deep --json --root ROOT  # soundness, inventory
+    python3 embedded_registry.py --gc --keep images.txt --root ROOT  # shed what is not kept
 
 The tree it serves (what download_system_images.py writes):
 

@@ -3771,3 +3771,20 @@ def test_upgrade_journey(tls, containerd, tmp_path, capsys):
               "%d pulls during the unpack; --gc freed %d bytes of v1-only blobs" % (
                   summary.strip().splitlines()[-1], sizes[0], sizes[1], pulls[0],
                   sum(freed.values())))
+
+
+def test_a_full_disk_leaves_no_bundle_behind(tmp_path, capsys):
+    full = tmp_path / "small-disk"
+    full.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs",
+                                            str(full)]).returncode != 0:
+        pytest.skip("needs root and a tmpfs mount to make a disk that fills up")
+    try:
+        archive = release_archive(tmp_path / "v1.tar", V1)
+        code = dsi.main(["--from-archive", archive, "-d", str(tmp_path / "tree"),
+                         "--bundle", str(full / "v1.tar")])
+        err = capsys.readouterr().err
+        assert code == 2 and "cannot write bundle" in err and "No space left" in err, err
+        assert os.listdir(str(full)) == []  # neither the bundle nor its temporary file
+    finally:
+        subprocess.run(["umount", str(full)])
