@@ -1448,13 +1448,18 @@ def test_workers_share_the_port_and_are_supervised(fixture, tls):
 
 # --- Integrity check -------------------------------------------------------------------
 
-def check(root, *flags):
+def offline(mode, root, *flags):
+    """embedded_registry.py --check or --gc on a tree, as an operator runs it."""
     result = subprocess.run([sys.executable, os.path.join(HERE, "embedded_registry.py"),
-                             "--check", "--root", str(root)] + list(flags),
+                             mode, "--root", str(root)] + list(flags),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             universal_newlines=True, timeout=60)
     assert "Traceback" not in result.stderr
     return result
+
+
+def check(root, *flags):
+    return offline("--check", root, *flags)
 
 
 def test_check_passes_a_sound_tree(fixture):
@@ -1540,12 +1545,7 @@ def two_releases(root):
 
 
 def gc(root, *flags):
-    result = subprocess.run([sys.executable, os.path.join(HERE, "embedded_registry.py"),
-                             "--gc", "--root", str(root)] + list(flags),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            universal_newlines=True, timeout=60)
-    assert "Traceback" not in result.stderr
-    return result
+    return offline("--gc", root, *flags)
 
 
 def test_gc_keeps_what_is_kept_and_frees_exactly_the_rest(tmp_path):
