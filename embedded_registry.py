@@ -133,7 +133,11 @@ ROUTES = [
     ("tags", re.compile(r"/v2/(?P<name>.+)/tags/list")),
     ("manifest", re.compile(r"/v2/(?P<name>.+)/manifests/(?P<reference>[^/]+)")),
     ("blob", re.compile(r"/v2/(?P<name>.+)/blobs/(?P<reference>[^/]+)")),
+    ("referrers", re.compile(r"/v2/(?P<name>.+)/referrers/(?P<reference>[^/]+)")),
 ]
+# Tags that name the manifest they belong to: the OCI 1.1 referrers fallback tag
+# (sha256-<hex>) and cosign's signature, attestation and SBOM tags.
+ARTIFACT_TAG_RE = re.compile(r"(sha256)-([a-f0-9]{64})(?:\.(?:sig|att|sbom))?")
 
 # The base class answers an unknown method with 501 and an HTTP/2 request line with 505.
 # Both are the client's doing, so they go out as 4xx: a 5xx reads as this server's fault,
@@ -196,7 +200,7 @@ def parse_route(raw_path):
     reference = groups.get("reference")
     if kind == "manifest":
         check_reference(reference)
-    elif kind == "blob":
+    elif kind in ("blob", "referrers"):
         check_digest(reference)
     ns = query.get("ns", [None])[-1]
     if ns is not None and (len(ns) > MAX_NAME_LENGTH or not HOST_RE.fullmatch(ns)):
@@ -310,7 +314,32 @@ def document_references(document):
     blobs += [("layers[%d]" % number, layer) for number, layer in enumerate(layers)]
     for field, descriptor in blobs:
         check_descriptor(descriptor, field)
+    if "subject" in document:
+        check_descriptor(document["subject"], "subject")
     return children, [d for _, d in blobs if not d.get("urls")]
+
+
+def subject_of(document):
+    """The digest a manifest refers to (its OCI 1.1 subject), or None."""
+    subject = document.get("subject")
+    return subject["digest"] if isinstance(subject, dict) and is_valid_digest(
+        subject.get("digest")) else None
+
+
+def referrer_descriptor(manifest, document):
+    """How the referrers API lists a manifest: its descriptor, with its artifactType (its
+    own, else its config's media type) and its annotations."""
+    descriptor = {"mediaType": manifest.media_type, "digest": manifest.digest,
+                  "size": len(manifest.body)}
+    artifact_type = document.get("artifactType")
+    if artifact_type is None and isinstance(document.get("config"), dict):
+        artifact_type = document["config"].get("mediaType")
+    if isinstance(artifact_type, str) and MEDIA_TYPE_RE.fullmatch(artifact_type):
+        descriptor["artifactType"] = artifact_type
+    annotations = document.get("annotations")
+    if isinstance(annotations, dict) and all(isinstance(v, str) for v in annotations.values()):
+        descriptor["annotations"] = annotations
+    return descriptor
 
 
 def check_descriptor(descriptor, field):
@@ -707,6 +736,7 @@ class Tree:
         self._manifests = IdentityCache(cache_size)  # Manifest, or None if unservable
         self._blob_verdicts = SharedVerdicts()
         self._told = IdentityCache(cache_size)  # what was logged of which file
+        self._referrers = IdentityCache(256)  # manifests folder -> {subject: [descriptor]}
 
     def contains(self, real_path):
         return lies_within(self.root, real_path)
@@ -866,6 +896,33 @@ class Tree:
         blob.file.seek(0)
         return sound
 
+    def referrers(self, name, digest, ns=None):
+        """Descriptors of every manifest of the repository whose subject is digest."""
+        found = {}
+        for repo in self.repo_dirs(name, ns):
+            manifests = self.manifests_dir(repo)
+            for descriptor in self._referrer_index(manifests).get(digest, []) if manifests \
+                    else []:
+                found.setdefault(descriptor["digest"], descriptor)
+        return [found[d] for d in sorted(found)]
+
+    def _referrer_index(self, manifests):
+        """{subject digest: [descriptor]} of a manifests folder. Built once per identity of
+        the folder, whose mtime changes whenever a manifest is added, removed or renamed
+        in it: a request costs one stat, not a scan of thousands of manifests."""
+        identity = file_identity(manifests)
+        index = self._referrers.get(manifests, identity)
+        if index is IdentityCache.MISSING:
+            index = collections.defaultdict(list)
+            for name in sorted(os.listdir(manifests)) if identity else []:
+                real = is_valid_digest(name) and self._resolve(os.path.join(manifests, name))
+                manifest = real and self._load_manifest(real)
+                document = json.loads(manifest.body) if manifest else {}
+                if isinstance(document, dict) and subject_of(document):
+                    index[subject_of(document)].append(referrer_descriptor(manifest, document))
+            self._referrers.put(manifests, identity, index)
+        return index
+
     def tags(self, name, ns=None):
         """Every tag of the repository; NAME_UNKNOWN if none of its directories has a
         manifests folder inside the root that can be listed."""
@@ -998,6 +1055,9 @@ class TreeCheck:
         except ManifestProblem as problem:
             self.problem(path, str(problem))
             return False
+        subject = subject_of(document)
+        if subject and not os.path.isfile(os.path.join(repo_dir, "manifests", subject)):
+            self.problem(path, "refers to subject %s, which is not in the repository" % subject)
         self._check_children(repo_dir, path, children)
         return all([self._check_blob(repo_dir, path, descriptor) for descriptor in blobs])
 
@@ -1098,6 +1158,8 @@ class GarbageCollection:
         if self.keep is not None:
             self._remove_tags(repositories)
         live_manifests, live_blobs, unreadable = self._reachable(repositories)
+        if self.keep is not None:
+            self._remove_artifact_tags(repositories, live_manifests)
         self._remove_manifests(repositories, live_manifests)
         if unreadable:  # what an unreadable manifest names is unknown: keep every blob
             self.warnings.append("blobs kept: %d manifests a tag reaches cannot be read (%s)"
@@ -1146,17 +1208,32 @@ class GarbageCollection:
             kept.update(present)
         for repository in repositories:
             for tag in list(repository.tags):
-                if (repository.name, tag) not in kept:
+                # A signature's or SBOM's tag goes with the manifest it names (below).
+                if (repository.name, tag) not in kept and not ARTIFACT_TAG_RE.fullmatch(tag):
                     self._remove("tag", repository.tags.pop(tag))
         self._kept_digests = {(name, ref) for name, ref in kept if is_valid_digest(ref)}
 
+    def _remove_artifact_tags(self, repositories, live):
+        """Tags of signatures, attestations, SBOMs and referrer indexes whose manifest
+        is no longer kept."""
+        for repository in repositories:
+            for tag in list(repository.tags):
+                match = ARTIFACT_TAG_RE.fullmatch(tag)
+                if match and (repository.name, "%s:%s" % match.groups()) not in live:
+                    self._remove("tag", repository.tags.pop(tag))
+
     def _reachable(self, repositories):
         """({(repository, manifest digest)}, {real blob path}, [unreadable manifest])
-        of everything the remaining tags, and the digests kept by reference, reach."""
-        pending = [(r, path) for r in repositories for path in r.tags.values()]
+        of everything the remaining tags, and the digests kept by reference, reach; and
+        of what refers to what is reached (a signature, an SBOM, a signature on that)."""
+        artifact = {(r.name, tag) for r in repositories for tag in r.tags
+                    if ARTIFACT_TAG_RE.fullmatch(tag) and self.keep is not None}
+        pending = [(r, path) for r in repositories for tag, path in r.tags.items()
+                   if (r.name, tag) not in artifact]
         pending += [(r, r.digests[digest]) for r in repositories for digest in r.digests
                     if (r.name, digest) in self._kept_digests]
         manifests, blobs, unreadable, seen = set(), set(), [], set()
+        referrers = self._referrers_by_subject(repositories)
         while pending:
             repository, path = pending.pop()
             if (repository.name, path) in seen:
@@ -1171,9 +1248,28 @@ class GarbageCollection:
             manifests.add((repository.name, manifest.digest))
             pending += [(repository, repository.digests[child["digest"]])
                         for child in children if child["digest"] in repository.digests]
+            pending += [(repository, p) for p in referrers.get(
+                (repository.name, manifest.digest), [])]
             store = blob_store(self.root, repository.directory)
             blobs.update(real_path(os.path.join(store, d["digest"])) for d in descriptors)
         return manifests, blobs, unreadable
+
+    @staticmethod
+    def _referrers_by_subject(repositories):
+        """{(repository, subject digest): [paths]}: manifests with an OCI 1.1 subject, and
+        those an artifact tag (sha256-<hex>.sig, ...) names, by the manifest they are of."""
+        found = collections.defaultdict(list)
+        for repository in repositories:
+            for tag, path in repository.tags.items():
+                match = ARTIFACT_TAG_RE.fullmatch(tag)
+                if match:
+                    found[repository.name, "%s:%s" % match.groups()].append(path)
+            for path in repository.digests.values():
+                with contextlib.suppress(ManifestProblem):
+                    subject = subject_of(load_manifest(path)[1])
+                    if subject:
+                        found[repository.name, subject].append(path)
+        return found
 
     def _remove_manifests(self, repositories, live):
         for repository in repositories:
@@ -1513,6 +1609,17 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
     def serve_tags(self, route):
         tags, more = paginate(self.server.tree.tags(route.name, route.ns), route.query)
         return self.send_listing({"name": route.name, "tags": tags}, more, tags)
+
+    def serve_referrers(self, route):
+        descriptors = self.server.tree.referrers(route.name, route.reference, route.ns)
+        headers = []
+        if "artifactType" in route.query:
+            wanted = route.query["artifactType"][-1]
+            descriptors = [d for d in descriptors if d.get("artifactType") == wanted]
+            headers.append(("OCI-Filters-Applied", "artifactType"))
+        body = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX,
+                           "manifests": descriptors}).encode()
+        return self.send_bytes(HTTPStatus.OK, body, OCI_INDEX, headers)
 
     def serve_catalog(self, route):
         names, more = paginate(self.server.tree.repositories(), route.query)

@@ -3788,3 +3788,117 @@ def test_a_full_disk_leaves_no_bundle_behind(tmp_path, capsys):
         assert os.listdir(str(full)) == []  # neither the bundle nor its temporary file
     finally:
         subprocess.run(["umount", str(full)])
+
+
+# --- Referrers: signatures, SBOMs and attestations (OCI 1.1) -------------------------------
+
+EMPTY_CONFIG = b"{}"
+
+
+def attach(builder, repo, subject, artifact_type=None, config_type=None, tag=None,
+           annotations=None):
+    """An OCI 1.1 artifact manifest whose subject is the manifest with digest subject."""
+    layer = builder.blob(b"payload of %s" % (artifact_type or config_type).encode(),
+                         "application/octet-stream")
+    config = builder.blob(EMPTY_CONFIG, config_type or "application/vnd.oci.empty.v1+json")
+    document = {"schemaVersion": 2, "mediaType": er.OCI_MANIFEST, "config": config,
+                "layers": [layer], "subject": {"mediaType": er.OCI_MANIFEST, "digest": subject,
+                                               "size": 1}}
+    if artifact_type:
+        document["artifactType"] = artifact_type
+    if annotations:
+        document["annotations"] = annotations
+    body = json.dumps(document).encode()
+    return builder.manifest(repo, body, tag), len(body)
+
+
+@pytest.fixture()
+def signed_tree(tmp_path):
+    builder = TreeBuilder(tmp_path)
+    _, image = builder.image("app", "amd64", tag="1")
+    sbom, _ = attach(builder, "app", image, artifact_type="application/spdx+json",
+                     annotations={"org.opencontainers.image.created": "2026-11-28"})
+    signature, _ = attach(builder, "app", sbom, artifact_type="application/vnd.dev.sig")
+    typed_by_config, _ = attach(builder, "app", image,
+                                config_type="application/vnd.cncf.helm.config.v1+json")
+    return {"root": tmp_path, "builder": builder, "image": image, "sbom": sbom,
+            "signature": signature, "typed_by_config": typed_by_config}
+
+
+def test_the_referrers_api_lists_what_refers_to_a_manifest(signed_tree):
+    tree = signed_tree
+    with serving(tree["root"]) as server:
+        conn = connect(server)
+        status, headers, body = fetch(conn, "GET", "/v2/app/referrers/" + tree["image"])
+        assert status == 200 and headers["Content-Type"] == er.OCI_INDEX
+        index = json.loads(body)
+        assert index["mediaType"] == er.OCI_INDEX and index["schemaVersion"] == 2
+        listed = {d["digest"]: d for d in index["manifests"]}
+        assert set(listed) == {tree["sbom"], tree["typed_by_config"]}
+        assert listed[tree["sbom"]]["artifactType"] == "application/spdx+json"
+        assert listed[tree["sbom"]]["annotations"] == {
+            "org.opencontainers.image.created": "2026-11-28"}
+        assert listed[tree["typed_by_config"]]["artifactType"] == \
+            "application/vnd.cncf.helm.config.v1+json"
+        for descriptor in listed.values():
+            body = fetch(conn, "GET", "/v2/app/manifests/" + descriptor["digest"])[2]
+            assert descriptor["size"] == len(body) and descriptor["mediaType"] == er.OCI_MANIFEST
+        status, headers, body = fetch(
+            conn, "GET", "/v2/app/referrers/%s?artifactType=application/spdx%%2Bjson"
+            % tree["image"])
+        assert headers["OCI-Filters-Applied"] == "artifactType"
+        assert [d["digest"] for d in json.loads(body)["manifests"]] == [tree["sbom"]]
+        body = fetch(conn, "GET", "/v2/app/referrers/" + tree["sbom"])[2]
+        assert [d["digest"] for d in json.loads(body)["manifests"]] == [tree["signature"]]
+        status, _, body = fetch(conn, "GET", "/v2/app/referrers/sha256:" + "0" * 64)
+        assert status == 200 and json.loads(body)["manifests"] == []
+        status, _, body = fetch(conn, "GET", "/v2/app/referrers/sha256:zz")
+        assert status == 400 and json.loads(body)["errors"][0]["code"] == "DIGEST_INVALID"
+        status, _, body = fetch(conn, "GET", "/v2/nope/referrers/" + tree["image"])
+        assert status == 404 and json.loads(body)["errors"][0]["code"] == "NAME_UNKNOWN"
+        # A referrer added later is listed on the next request: the folder changed.
+        late, _ = attach(tree["builder"], "app", tree["image"], artifact_type="text/plain")
+        body = fetch(conn, "GET", "/v2/app/referrers/" + tree["image"])[2]
+        assert late in {d["digest"] for d in json.loads(body)["manifests"]}
+
+
+def test_referrers_through_ns_and_a_real_client(signed_tree, tls):
+    skopeo = need("skopeo")
+    namespaced = signed_tree["root"] / "mirror.example" / "app"
+    namespaced.parent.mkdir()
+    os.symlink(str(signed_tree["root"] / "app"), str(namespaced))
+    with serving(signed_tree["root"], tls) as server:
+        body = fetch(connect(server, tls), "GET", "/v2/app/referrers/%s?ns=mirror.example"
+                     % signed_tree["image"])[2]
+        assert len(json.loads(body)["manifests"]) == 2
+        raw = run([skopeo, "inspect", "--raw", "--cert-dir", cert_dir_for(tls),
+                   "docker://%s/app@%s" % (host_port(server), signed_tree["sbom"])]).stdout
+    assert sha256(raw.encode()) == signed_tree["sbom"]
+    assert json.loads(raw)["subject"]["digest"] == signed_tree["image"]
+
+
+def test_check_reports_a_referrer_without_its_subject(signed_tree):
+    assert check(signed_tree["root"], "--deep").returncode == 0
+    (signed_tree["root"] / "app" / "manifests" / signed_tree["sbom"]).unlink()
+    result = check(signed_tree["root"])
+    assert result.returncode == 1
+    assert count_lines(result.stdout, signed_tree["signature"], "refers to subject",
+                       signed_tree["sbom"]) == 1
+
+
+def test_gc_keeps_the_referrers_of_what_it_keeps(signed_tree, tmp_path):
+    tree = signed_tree
+    builder = tree["builder"]
+    os.symlink(tree["signature"], str(tree["root"] / "app" / "manifests" /
+                                      ("sha256-%s.sig" % tree["image"][7:])))
+    _, old = builder.image("app", "amd64", extra=b"old", tag="0")
+    old_sbom, _ = attach(builder, "app", old, artifact_type="application/spdx+json")
+    os.symlink(old_sbom, str(tree["root"] / "app" / "manifests" / ("sha256-%s.sbom" % old[7:])))
+    keep = tmp_path / "keep.txt"
+    keep.write_text("registry.example/app:1\n")  # trimmed, as the downloader lays it out
+    report = json.loads(gc(tree["root"], "--keep", str(keep), "--json").stdout)
+    removed = {os.path.basename(item["path"]) for item in report["removed"]}
+    assert {old, old_sbom, "0", "sha256-%s.sbom" % old[7:]} <= removed
+    assert not {tree["image"], tree["sbom"], tree["signature"], tree["typed_by_config"],
+                "sha256-%s.sig" % tree["image"][7:]} & removed
+    assert check(tree["root"], "--deep").returncode == 0
