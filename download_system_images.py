@@ -44,6 +44,7 @@ import argparse
 import collections
 import concurrent.futures
 import contextlib
+import errno
 import gzip
 import hashlib
 import io
@@ -94,12 +95,16 @@ OCI_BLOB_RE = re.compile(r"blobs/sha256/([a-f0-9]{64})")
 ZSTD_SUFFIXES = (".zst", ".zstd", ".tzst")
 # containerd refuses a larger manifest; reading one from an archive stops there.
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+# An inventory lists about 100 bytes a blob: this is millions of blobs.
+MAX_INVENTORY_BYTES = 256 * 1024 * 1024
 
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 NAME_RE = re.compile(r"%s(?:/%s)*" % (_COMPONENT, _COMPONENT))
 TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 DIGEST_RE = re.compile(r"sha256:[a-f0-9]{64}")
 HOST_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::[0-9]{1,5})?")
+# The tree's own folder names, which no repository path part may take.
+TREE_FOLDERS = {"blobs", "manifests"}
 # A repository as the tree lays it out: trimmed, or with -n the registry host first.
 TREE_REPO_RE = re.compile(r"(?:%s/)?%s" % (HOST_RE.pattern, NAME_RE.pattern))
 # The platform fields the OCI image spec gives as lists; every other one is a string.
@@ -169,6 +174,9 @@ def parse_reference(text):
     if not repository or not NAME_RE.fullmatch(repository):
         raise ValueError("%r: invalid repository name %r (lowercase letters, digits, "
                          "separators)" % (original, repository))
+    if set(repository.split("/")) & TREE_FOLDERS:
+        raise ValueError("%r: a repository path part named blobs or manifests cannot be "
+                         "laid out in the tree" % original)
     if tag is None and not digest:
         tag = "latest"
     return ImageRef(registry, repository, tag, digest or None)
@@ -1067,8 +1075,7 @@ def read_since(path):
     if os.path.isdir(path):
         return inventory_of_tree(path)
     try:
-        with open(path, "rb") as f:
-            report = parse_json(f.read(), "--since %s" % path)
+        report = parse_json(read_regular(path, MAX_INVENTORY_BYTES), "--since %s" % path)
     except OSError as error:
         raise DownloadError("cannot read --since %s: %s" % (path, error.strerror))
     inventory = report.get("inventory") if isinstance(report, dict) else None
@@ -1115,13 +1122,24 @@ def sound_manifest(path, name):
     if not matches(DIGEST_RE, name):
         return None
     try:
-        with open(path, "rb") as f:
-            body = f.read(MAX_MANIFEST_BYTES + 1)
+        body = read_regular(path, MAX_MANIFEST_BYTES)
         if sha256_digest(body) != name:
             return None
         return check_document(parse_json(body, path), path)
     except (OSError, DownloadError):
         return None
+
+
+def read_regular(path, limit):
+    """The bytes of a regular file of at most limit bytes; OSError for anything else
+    (a FIFO would hang the read, /dev/zero would never end it)."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(errno.EINVAL, "not a regular file", path)
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, "over %d bytes" % limit, path)
+    return data
 
 
 def blob_descriptors_of(document):
@@ -1141,8 +1159,9 @@ class Bundle:
     registry: blobs, then the repositories' blobs links, then digest-named manifests
     (an index after its children), then tags, then what the bundle says of itself."""
 
-    def __init__(self, root, since=None):
+    def __init__(self, root, platforms=None, since=None):
         self.root = os.path.abspath(root)
+        self.platforms = platforms  # the run's; None: all
         self.since = since or Inventory(set(), set())
         self.blobs, self.links, self.manifests, self.tags = {}, set(), [], {}
         self.left_out = collections.Counter()  # blobs and manifests the other side has
@@ -1167,13 +1186,18 @@ class Bundle:
         first."""
         top = self._document(repo, digest)
         children = [c["digest"] for c in top.get("manifests", [])
-                    if manifest_kind(top) == "index" and
-                    os.path.isfile(self._path(repo, "manifests", c["digest"]))]
+                    if manifest_kind(top) == "index"
+                    and platform_matches(self.platforms, c.get("platform"))
+                    and os.path.isfile(self._path(repo, "manifests", c["digest"]))]
         return [(c, self._document(repo, c)) for c in children] + [(digest, top)]
 
     def _document(self, repo, digest):
-        with open(self._path(repo, "manifests", digest), "rb") as f:
-            return check_document(parse_json(f.read(), digest), digest)
+        """A manifest as this run left it, hashed again: a bundle ships nothing damaged."""
+        document = sound_manifest(self._path(repo, "manifests", digest), digest)
+        if document is None:
+            raise DownloadError("manifest %s of %s in the tree is missing or damaged; run "
+                                "again without --bundle to repair it" % (digest, repo))
+        return document
 
     def _path(self, repo, kind, name):
         return os.path.join(self.root, *repo.split("/"), kind, name)
@@ -1289,15 +1313,21 @@ def read_all_since(paths):
     return since
 
 
-def make_bundle(path, results, args, version, since):
+def make_bundle(path, results, args, platforms, version, since):
     """Write the run's bundle; returns its summary line."""
-    bundle = Bundle(args.directory, since)
-    ok = [r for r in results if r.ok]
-    for result in ok:
-        bundle.add(result.image, result.message, result.image.tree_repo(not args.no_trim))
+    failed = [r for r in results if not r.ok]
+    if failed:  # its image list would make --gc remove the failed images from the node
+        raise DownloadError("no bundle written: %d images failed, and a bundle must hold the "
+                            "whole set; fix them and run again" % len(failed))
+    bundle = Bundle(args.directory, platforms, since)
+    try:
+        for result in results:
+            bundle.add(result.image, result.message, result.image.tree_repo(not args.no_trim))
+    except OSError as error:
+        raise DownloadError("cannot bundle %s: %s" % (error.filename, error.strerror))
     # By tag where there is one, as an image list names it (--gc --keep reads this file).
     meta = [("images.txt", "".join(str(r.image._replace(digest=None) if r.image.tag
-                                       else r.image) + "\n" for r in ok))]
+                                       else r.image) + "\n" for r in results))]
     if version:
         meta.append(("k3s-version", version + "\n"))
     try:
@@ -1488,7 +1518,7 @@ def main(argv=None):
         results += [Result(what, False, message, 0, 0, 0)
                     for what, message in tool.problems]
         if args.bundle:
-            bundled = make_bundle(args.bundle, results, args, version, since)
+            bundled = make_bundle(args.bundle, results, args, platforms, version, since)
     except DownloadError as error:
         print("%s: error: %s" % (parser.prog, error), file=sys.stderr)
         return 2

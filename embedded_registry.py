@@ -93,6 +93,7 @@ API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 MAX_NAME_LENGTH = 255
 MAX_LIST_ENTRIES = 1000
+MAX_LIST_BYTES = 16 * 1024 * 1024  # a --keep image list
 # A request's line and headers together: enough for any registry client, and it keeps a
 # thousand connections that send headers of the largest size to ~64 MiB in all.
 MAX_REQUEST_HEAD = 64 * 1024
@@ -459,7 +460,7 @@ def parse_kept_image(text, where):
         if not TAG_RE.fullmatch(tag):
             raise ValueError("invalid tag %r" % tag)
     host, slash, rest = name.partition("/")
-    if slash and ("." in host or ":" in host or host == "localhost"):
+    if slash and ("." in host or ":" in host or host == "localhost" or host.lower() != host):
         if not HOST_RE.fullmatch(host):
             raise ValueError("invalid registry host %r" % host)
     else:
@@ -984,7 +985,11 @@ class TreeCheck:
         return self
 
     def _repository_name(self, repo_dir):
+        """The name a repository is served by, or None: a path part named blobs or
+        manifests is the tree's own folder, which the server never looks into."""
         name = os.path.relpath(repo_dir, self.root).replace(os.sep, "/")
+        if {"blobs", "manifests"} & set(name.split("/")):
+            return None
         return name if NAME_RE.fullmatch(name) or _namespaced(name) else None
 
     @staticmethod
@@ -1132,7 +1137,8 @@ def describe_platform(platform):
 
 # --- Garbage collection (--gc) ----------------------------------------------------------
 
-Repository = collections.namedtuple("Repository", "name directory tags digests")
+# One repository's manifests folder, under every name (and folder) that leads to it.
+Repository = collections.namedtuple("Repository", "names directories tags digests")
 
 
 class GarbageCollection:
@@ -1140,9 +1146,12 @@ class GarbageCollection:
     manifests no remaining tag reaches, then blobs no remaining manifest names, then
     repositories left empty.
 
-    Only deletions, in that order, so the tree is sound at every step: killed at any
-    point, it passes --check, and running it again completes the work. A blob that is
-    being served keeps streaming to its client after its name is removed (POSIX unlink).
+    Only deletions, in that order, and a manifest only after every manifest that points
+    to it (an index before its children, a signature before what it signs), so the
+    tree is sound at every step: killed at any point, it passes --check, and running it
+    again completes the work. What is reached is judged by real file, so a link from one
+    repository into another keeps what it leads to. A blob that is being served keeps
+    streaming to its client after its name is removed (POSIX unlink).
     """
 
     def __init__(self, root, keep=None, dry_run=False):
@@ -1151,67 +1160,72 @@ class GarbageCollection:
         self.dry_run = dry_run
         self.removed = []  # {"kind", "path", "bytes"}
         self.warnings = []
-        self._kept_digests = set()  # (repository, digest) kept by a reference by digest
+        self._kept_digests = []  # (Repository, digest) kept by a reference by digest
 
     def run(self):
         repositories = self._repositories()
         if self.keep is not None:
             self._remove_tags(repositories)
-        live_manifests, live_blobs, unreadable = self._reachable(repositories)
+        live, blobs, unreadable = self._reachable(repositories)
         if self.keep is not None:
-            self._remove_artifact_tags(repositories, live_manifests)
-        self._remove_manifests(repositories, live_manifests)
+            self._remove_artifact_tags(repositories, live)
+        self._remove_manifests(repositories, live)
         if unreadable:  # what an unreadable manifest names is unknown: keep every blob
             self.warnings.append("blobs kept: %d manifests a tag reaches cannot be read (%s)"
                                  % (len(unreadable), unreadable[0]))
         else:
-            self._remove_blobs(repositories, live_blobs)
+            self._remove_blobs(repositories, blobs)
         for repository in repositories:
             if not repository.tags and not repository.digests:
-                self._remove_repository(repository.directory)
+                for directory in repository.directories:
+                    self._remove_repository(directory)
         if not self.dry_run:
             self._remove_empty_folders()
         return self
 
     def _repositories(self):
-        found, seen = [], set()
+        by_folder = collections.OrderedDict()
         for name, top in find_repositories(self.root, self._warn):
             manifests = real_path(os.path.join(top, "manifests"))
-            if not lies_within(self.root, manifests or "") or manifests in seen:
+            if not lies_within(self.root, manifests or ""):
                 continue
-            seen.add(manifests)
+            if manifests in by_folder:  # another name for the same folder
+                by_folder[manifests].names.append(name)
+                by_folder[manifests].directories.append(top)
+                continue
             try:
                 entries = sorted(os.listdir(manifests))
             except OSError as error:
                 self._warn(manifests, "cannot be listed: %s" % error.strerror)
                 continue
-            found.append(Repository(
-                name, top,
+            by_folder[manifests] = Repository(
+                [name], [top],
                 {e: os.path.join(manifests, e) for e in entries if TAG_RE.fullmatch(e)},
-                {e: os.path.join(manifests, e) for e in entries if is_valid_digest(e)}))
-        return found
+                {e: os.path.join(manifests, e) for e in entries if is_valid_digest(e)})
+        return list(by_folder.values())
 
     def _warn(self, path, message):
         self.warnings.append("%s %s" % (path, message))
 
     def _remove_tags(self, repositories):
-        by_name = {repository.name: repository for repository in repositories}
-        kept = set()
+        by_name = {name: r for r in repositories for name in r.names}
+        kept = set()  # (id of a Repository, tag)
         for image in self.keep:
-            present = [(name, image.tag or image.digest) for name in image.repositories
-                       if name in by_name and (image.tag or image.digest) in (
-                           by_name[name].tags if image.tag else by_name[name].digests)]
+            reference = image.tag or image.digest
+            present = [by_name[name] for name in image.repositories if name in by_name and
+                       reference in (by_name[name].tags if image.tag else by_name[name].digests)]
             if not present:
-                self.warnings.append("kept image %s (%s) is not in the tree" % (
-                    image.repositories[0] + (":" + image.tag if image.tag else "@" +
-                                             image.digest), image.where))
-            kept.update(present)
+                self.warnings.append("kept image %s%s%s (%s) is not in the tree" % (
+                    image.repositories[0], ":" if image.tag else "@", reference, image.where))
+            for repository in present:
+                kept.add((id(repository), reference))
+                if not image.tag:
+                    self._kept_digests.append((repository, reference))
         for repository in repositories:
             for tag in list(repository.tags):
                 # A signature's or SBOM's tag goes with the manifest it names (below).
-                if (repository.name, tag) not in kept and not ARTIFACT_TAG_RE.fullmatch(tag):
+                if (id(repository), tag) not in kept and not ARTIFACT_TAG_RE.fullmatch(tag):
                     self._remove("tag", repository.tags.pop(tag))
-        self._kept_digests = {(name, ref) for name, ref in kept if is_valid_digest(ref)}
 
     def _remove_artifact_tags(self, repositories, live):
         """Tags of signatures, attestations, SBOMs and referrer indexes whose manifest
@@ -1219,67 +1233,87 @@ class GarbageCollection:
         for repository in repositories:
             for tag in list(repository.tags):
                 match = ARTIFACT_TAG_RE.fullmatch(tag)
-                if match and (repository.name, "%s:%s" % match.groups()) not in live:
+                target = match and repository.digests.get("%s:%s" % match.groups())
+                if match and real_path(target or "") not in live:
                     self._remove("tag", repository.tags.pop(tag))
 
     def _reachable(self, repositories):
-        """({(repository, manifest digest)}, {real blob path}, [unreadable manifest])
-        of everything the remaining tags, and the digests kept by reference, reach; and
-        of what refers to what is reached (a signature, an SBOM, a signature on that)."""
-        artifact = {(r.name, tag) for r in repositories for tag in r.tags
-                    if ARTIFACT_TAG_RE.fullmatch(tag) and self.keep is not None}
+        """({real manifest file}, {real blob file}, [unreadable manifest]) of everything
+        the remaining tags, and the digests kept by reference, reach; and of what refers
+        to what is reached (a signature, an SBOM, a signature on that)."""
         pending = [(r, path) for r in repositories for tag, path in r.tags.items()
-                   if (r.name, tag) not in artifact]
-        pending += [(r, r.digests[digest]) for r in repositories for digest in r.digests
-                    if (r.name, digest) in self._kept_digests]
-        manifests, blobs, unreadable, seen = set(), set(), [], set()
-        referrers = self._referrers_by_subject(repositories)
+                   if self.keep is None or not ARTIFACT_TAG_RE.fullmatch(tag)]
+        pending += [(r, r.digests[digest]) for r, digest in self._kept_digests]
+        referrers = {id(r): self._referrers_by_subject(r) for r in repositories}
+        live, blobs, unreadable = set(), set(), []
         while pending:
             repository, path = pending.pop()
-            if (repository.name, path) in seen:
+            real = real_path(path)
+            if (id(repository), real) in live:
                 continue
-            seen.add((repository.name, path))
+            live.add((id(repository), real))
             try:
                 manifest, document = load_manifest(path)
                 children, descriptors = document_references(document)
             except ManifestProblem as problem:
                 unreadable.append("%s %s" % (path, problem))
                 continue
-            manifests.add((repository.name, manifest.digest))
             pending += [(repository, repository.digests[child["digest"]])
                         for child in children if child["digest"] in repository.digests]
-            pending += [(repository, p) for p in referrers.get(
-                (repository.name, manifest.digest), [])]
-            store = blob_store(self.root, repository.directory)
-            blobs.update(real_path(os.path.join(store, d["digest"])) for d in descriptors)
-        return manifests, blobs, unreadable
+            for digest in {manifest.digest, os.path.basename(real or "")}:
+                pending += [(repository, p) for p in referrers[id(repository)].get(digest, [])]
+            for directory in repository.directories:
+                store = blob_store(self.root, directory)
+                blobs.update(real_path(os.path.join(store, d["digest"])) for d in descriptors)
+        return {real for _, real in live}, blobs, unreadable
 
     @staticmethod
-    def _referrers_by_subject(repositories):
-        """{(repository, subject digest): [paths]}: manifests with an OCI 1.1 subject, and
-        those an artifact tag (sha256-<hex>.sig, ...) names, by the manifest they are of."""
+    def _referrers_by_subject(repository):
+        """{subject digest: [paths]}: manifests with an OCI 1.1 subject, and those an
+        artifact tag (sha256-<hex>.sig, ...) names, by the manifest they are of."""
         found = collections.defaultdict(list)
-        for repository in repositories:
-            for tag, path in repository.tags.items():
-                match = ARTIFACT_TAG_RE.fullmatch(tag)
-                if match:
-                    found[repository.name, "%s:%s" % match.groups()].append(path)
-            for path in repository.digests.values():
-                with contextlib.suppress(ManifestProblem):
-                    subject = subject_of(load_manifest(path)[1])
-                    if subject:
-                        found[repository.name, subject].append(path)
+        for tag, path in repository.tags.items():
+            match = ARTIFACT_TAG_RE.fullmatch(tag)
+            if match:
+                found["%s:%s" % match.groups()].append(path)
+        for path in repository.digests.values():
+            with contextlib.suppress(ManifestProblem):
+                subject = subject_of(load_manifest(path)[1])
+                if subject:
+                    found[subject].append(path)
         return found
 
     def _remove_manifests(self, repositories, live):
+        """Every digest-named manifest no remaining tag reaches, each only once no other
+        one about to go points to it."""
         for repository in repositories:
-            for digest in list(repository.digests):
-                if (repository.name, digest) not in live:
+            doomed = {digest: path for digest, path in repository.digests.items()
+                      if real_path(path) not in live}
+            points_to = {digest: self._points_to(path) for digest, path in doomed.items()}
+            while doomed:
+                pointed_at = set().union(*(points_to[d] for d in doomed))
+                ready = sorted(d for d in doomed if d not in pointed_at) or sorted(doomed)
+                for digest in ready:
                     self._remove("manifest", repository.digests.pop(digest))
+                    del doomed[digest]
+
+    @staticmethod
+    def _points_to(path):
+        """The digests a manifest names as children or as its subject."""
+        try:
+            document = load_manifest(path)[1]
+            children, _ = document_references(document)
+        except ManifestProblem:
+            return set()
+        return {c["digest"] for c in children} | {subject_of(document)} - {None}
 
     def _remove_blobs(self, repositories, live):
-        stores = {real_path(blob_store(self.root, r.directory)) for r in repositories}
-        for store in sorted(s for s in stores if s and lies_within(self.root, s)):
+        stores = {real_path(blob_store(self.root, directory))
+                  for r in repositories for directory in r.directories}
+        # Only folders that are blob stores: a blobs link that leads elsewhere (into a
+        # manifests folder, say) names no blobs to remove.
+        for store in sorted(s for s in stores if s and lies_within(self.root, s)
+                            and os.path.basename(s) == "blobs"):
             try:
                 names = sorted(os.listdir(store))
             except OSError as error:
@@ -2195,8 +2229,11 @@ def collect_garbage(args):
         texts = []
         for path in args.keep:
             try:
-                with open(path, encoding="utf-8") as f:
-                    texts.append((path, f.read()))
+                f, _ = open_regular(path)
+                with f:
+                    texts.append((path, f.read(MAX_LIST_BYTES + 1).decode("utf-8")))
+                if len(texts[-1][1]) > MAX_LIST_BYTES:
+                    raise ValueError("over %d bytes: not an image list" % MAX_LIST_BYTES)
             except (OSError, ValueError) as error:
                 raise ConfigError("cannot read --keep %s: %s" % (
                     path, getattr(error, "strerror", None) or error))

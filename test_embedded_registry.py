@@ -1624,6 +1624,7 @@ def test_gc_killed_at_any_point_leaves_a_sound_tree_and_completes_when_run_again
         tmp_path, monkeypatch):
     pristine = tmp_path / "pristine"
     two_releases(pristine)
+    TreeBuilder(pristine).index("rancher/multi", "1", ["amd64", "arm64"])  # children go last
     keep = er.parse_image_lists([("keep", "rancher/app:2\n")])
     reference = tmp_path / "reference"
     shutil.copytree(str(pristine), str(reference), symlinks=True)
@@ -3902,3 +3903,102 @@ def test_gc_keeps_the_referrers_of_what_it_keeps(signed_tree, tmp_path):
     assert not {tree["image"], tree["sbom"], tree["signature"], tree["typed_by_config"],
                 "sha256-%s.sig" % tree["image"][7:]} & removed
     assert check(tree["root"], "--deep").returncode == 0
+
+
+def test_gc_judges_by_real_file_and_by_every_name(tmp_path):
+    """Odd layouts an operator's tooling makes: a repository that is another's alias, links
+    between repositories, sha512 names, a blobs link that leads into a manifests folder."""
+    root = tmp_path / "tree"
+    images = two_releases(root)
+    pause = root / "rancher" / "app" / "manifests"
+    os.makedirs(str(root / "rancher" / "alias"))
+    os.symlink("../app/manifests", str(root / "rancher" / "alias" / "manifests"))
+    os.symlink("../blobs", str(root / "rancher" / "alias" / "blobs"))
+    os.makedirs(str(root / "other" / "manifests"))
+    os.symlink("../blobs", str(root / "other" / "blobs"))
+    kept_by_link = images["old/gone", "1"]["digest"]
+    os.symlink(os.path.join("..", "..", "old", "gone", "manifests", kept_by_link),
+               str(root / "other" / "manifests" / "linked"))
+    body = images["rancher/app", "1"]["body"]
+    sha512 = "sha512:" + hashlib.sha512(body).hexdigest()
+    (pause / sha512).write_bytes(body)
+    os.symlink(sha512, str(pause / "by512"))
+    os.makedirs(str(root / "x" / "manifests"))
+    os.symlink("../rancher/app/manifests", str(root / "x" / "blobs"))  # not a blob store
+    keep = tmp_path / "keep.txt"
+    keep.write_text("Reg/rancher/alias:2\nreg.example/other:linked\nreg.example/rancher/app:by512\n")
+    result = gc(root, "--keep", str(keep), "--json")
+    report = json.loads(result.stdout)
+    assert not report["warnings"], report["warnings"]
+    removed = {os.path.basename(i["path"]) for i in report["removed"]}
+    assert {"2", "by512", sha512, kept_by_link, images["rancher/app", "2"]["digest"]} \
+        .isdisjoint(removed)
+    assert (pause / "2").exists() and (root / "other" / "manifests" / "linked").exists()
+    assert check(root, "--deep").returncode == 0
+
+
+def test_gc_refuses_lists_that_are_not_files(tmp_path):
+    root = tmp_path / "tree"
+    two_releases(root)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(str(fifo))
+    result = gc(root, "--keep", str(fifo))  # gc() itself has a time limit
+    assert result.returncode == 2 and "not a regular file" in result.stderr
+    archive = release_archive(tmp_path / "v1.tar", V1)
+    assert dsi.main(["--from-archive", archive, "-d", str(tmp_path / "t"), "--bundle",
+                     str(tmp_path / "b.tar"), "--since", str(fifo)]) == 2
+
+
+def test_no_bundle_from_a_run_that_failed_an_image(tmp_path, capsys):
+    archive = release_archive(tmp_path / "v1.tar", V1)
+    members = {}
+    with tarfile.open(archive) as tar:  # index.json names one more image, not in the archive
+        for member in tar:
+            members[member.name] = tar.extractfile(member).read()
+    index = json.loads(members["index.json"])
+    index["manifests"].append(dict(index["manifests"][0], digest="sha256:" + "1" * 64))
+    members["index.json"] = json.dumps(index).encode()
+    tar_of(archive, members)
+    code = dsi.main(["--from-archive", archive, "-d", str(tmp_path / "tree"),
+                     "--bundle", str(tmp_path / "b.tar")])
+    err = capsys.readouterr().err
+    assert code == 2 and "no bundle written" in err
+    assert not (tmp_path / "b.tar").exists()
+
+
+def test_a_bundle_carries_only_the_run_s_platforms(tmp_path, capsys):
+    builder = TreeBuilder(tmp_path / "staging")
+    _, index, children = builder.index("rancher/multi", "1", ["amd64", "arm64"])
+    layout = tmp_path / "layout"
+    (layout / "blobs" / "sha256").mkdir(parents=True)
+    for store in ("blobs", "rancher/multi/manifests"):
+        for name in os.listdir(str(builder.root + "/" + store)):
+            if name.startswith("sha256:"):
+                shutil.copy(os.path.join(builder.root, store, name),
+                            str(layout / "blobs" / "sha256" / name[7:]))
+    body = (layout / "blobs" / "sha256" / index[7:]).read_bytes()
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [{
+        "mediaType": er.OCI_INDEX, "digest": index, "size": len(body),
+        "annotations": {"io.containerd.image.name": "docker.io/rancher/multi:1"}}]}))
+    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    archive = tar_of(tmp_path / "multi.tar", {
+        os.path.relpath(os.path.join(top, f), str(layout)): open(os.path.join(top, f), "rb").read()
+        for top, _, files in os.walk(str(layout)) for f in files})
+    tree = str(tmp_path / "tree")
+    assert dsi.main(["--from-archive", archive, "-d", tree, "-p", "all"]) == 0
+    flip_a_bit(tmp_path / "tree" / "rancher" / "multi" / "manifests" / children[1])  # arm64
+    bundle = tmp_path / "amd64.tar"
+    assert dsi.main(["--from-archive", archive, "-d", tree, "-p", "linux/amd64",
+                     "--bundle", str(bundle)]) == 0, capsys.readouterr().err
+    names = bundle_members(bundle)
+    assert "registry/rancher/multi/manifests/" + children[0] in names
+    assert "registry/rancher/multi/manifests/" + children[1] not in names
+
+
+def test_repository_names_the_tree_cannot_lay_out(tmp_path):
+    with pytest.raises(ValueError, match="blobs or manifests"):
+        dsi.parse_reference("example.com/team/blobs:1")
+    builder = TreeBuilder(tmp_path)
+    builder.image("team/blobs", "amd64", tag="1")
+    result = check(tmp_path)
+    assert result.returncode == 1 and "not a valid repository name" in result.stdout
