@@ -828,7 +828,19 @@ class Tree:
         return found.digest == digest or digest_of(found.body, algorithm) == digest
 
     def _load_manifest(self, real):
-        """The Manifest at real (None if missing or unservable), cached by file identity."""
+        """The Manifest at real (None if missing or unservable), cached by file identity.
+
+        A regular file whose identity is cached costs one stat; only a file not seen
+        before, or changed, is opened (as a regular file, checked again) and read.
+        """
+        try:
+            st = os.stat(real)
+        except OSError:
+            return None
+        manifest = self._manifests.get(real, stat_identity(st)) if stat.S_ISREG(
+            st.st_mode) else IdentityCache.MISSING
+        if manifest is not IdentityCache.MISSING:
+            return manifest
         try:
             f, st = open_regular(real)
         except NotRegularFile:
@@ -838,11 +850,8 @@ class Tree:
         except OSError:
             return None
         with f:
-            identity = stat_identity(st)
-            manifest = self._manifests.get(real, identity)
-            if manifest is IdentityCache.MISSING:
-                manifest = self._read_manifest(f, real)
-                self._manifests.put(real, identity, manifest)
+            manifest = self._read_manifest(f, real)
+        self._manifests.put(real, stat_identity(st), manifest)
         return manifest
 
     @staticmethod
