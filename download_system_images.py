@@ -1223,6 +1223,11 @@ class Bundle:
         else:
             self.manifests.append((repo, digest))
 
+    def content_bytes(self):
+        """What this bundle carries, before compression."""
+        return sum(self.blobs.values()) + sum(
+            os.path.getsize(self._path(repo, "manifests", d)) for repo, d in self.manifests)
+
     def write(self, path, meta):
         """Write the bundle to path, under a temporary name renamed once complete, and
         path.sha256 beside it (sha256sum -c); returns its size. meta: [(name, text)]."""
@@ -1334,10 +1339,9 @@ def make_bundle(path, results, args, platforms, version, since):
         size = bundle.write(path, meta)
     except OSError as error:
         raise DownloadError("cannot write bundle %s: %s" % (path, error.strerror or error))
-    content = sum(bundle.blobs.values()) + sum(
-        os.path.getsize(bundle._path(repo, "manifests", d)) for repo, d in bundle.manifests)
     return "bundle %s: %s (content %s; a full bundle's: %s); %d blobs and %d manifests " \
-        "already there" % (os.path.basename(path), human_bytes(size), human_bytes(content),
+        "already there" % (os.path.basename(path), human_bytes(size),
+                           human_bytes(bundle.content_bytes()),
                            human_bytes(bundle.full_bytes), bundle.left_out["blobs"],
                            bundle.left_out["manifests"])
 
