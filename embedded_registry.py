@@ -29,15 +29,18 @@ pulls through a mirror it adds ?ns=<upstream host>; ROOT/<ns>/<repo> is looked u
 first, then ROOT/<repo>, so trees with and without the registry host both serve.
 
 The protocol is the pull half of the OCI distribution spec: GET/HEAD of /v2/,
-manifests and blobs (with single byte ranges), tags/list and _catalog. Every write
-method is refused with 405: the server never changes the tree.
+manifests and blobs (with single byte ranges), tags/list, _catalog and the OCI 1.1
+referrers API. Every write method is refused with 405: the server never changes the
+tree.
 
-Security: every path component is checked against the distribution grammars before
-the disk is touched, and the resolved real path of anything served must lie inside
-the real root. A digest-named manifest whose bytes do not hash to its name is not
-served (404, logged): a corrupt tree must not poison a node. A blob is hashed on its
-first whole GET and its final chunk held back unless the digest matches; a corrupt one
-is cut short, logged and answered 404 from then on. No directory is listed.
+Security: every name from a request or from the tree is checked against the
+distribution grammars before it becomes part of a path, the resolved real path of
+anything served must lie inside the real root, and only regular files are opened. A
+digest-named manifest whose bytes do not hash to its name is not served (404, logged
+once): a corrupt tree must not poison a node. A blob is hashed on its first whole GET
+(on every one with --verify always) and its final chunk held back unless the digest
+matches; a corrupt one is cut short, logged and answered 404 from then on. No
+directory is listed. Signal handlers only record; the serving loop acts.
 """
 
 import argparse
