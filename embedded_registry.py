@@ -495,6 +495,28 @@ def parse_image_lists(named_texts):
     return kept
 
 
+def ns_of(target):
+    """The ?ns= of a request target, as the access log records it (None without one)."""
+    with contextlib.suppress(ValueError):
+        return urllib.parse.parse_qs(urllib.parse.urlsplit(target).query).get("ns", [None])[-1]
+    return None
+
+
+class JsonLogFormatter(logging.Formatter):
+    """--log-format json: one JSON object a line, for Loki or Elasticsearch. An access
+    line carries its request's fields; any other line its message, as "error" when it
+    is a warning or worse."""
+
+    def format(self, record):
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) +
+                 ".%03dZ" % record.msecs, "level": record.levelname.lower()}
+        entry.update(getattr(record, "access", None) or {
+            "error" if record.levelno >= logging.WARNING else "message": record.getMessage()})
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
 def escape_for_log(text, limit=400):
     """Control characters escaped and absurd lengths cut, so a log line stays one line."""
     text = text.encode("unicode_escape", "backslashreplace").decode("ascii")
@@ -1757,9 +1779,14 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
         finally:
             if self.server.stopping:
                 self.close_connection = True
+            seconds = time.monotonic() - started
             log.info("%s %s %s %s %d %.3fs", self.client_address[0], self.command,
-                     escape_for_log(self.path), self.response_status,
-                     self.response_bytes, time.monotonic() - started)
+                     escape_for_log(self.path), self.response_status, self.response_bytes,
+                     seconds, extra={"access": {
+                         "client": self.client_address[0], "method": self.command,
+                         "path": self.path, "ns": ns_of(self.path),
+                         "status": self.response_status, "bytes": self.response_bytes,
+                         "seconds": round(seconds, 6)}})
 
     def answer_failure(self, error):
         """A fault of ours while answering: a 500 if no answer has begun, one log line
@@ -2329,6 +2356,10 @@ def make_parser():
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="log warnings and errors only, no access log")
     parser.add_argument("--debug", action="store_true", help="log tracebacks of failures")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="text lines, or one JSON object a line (time, level, client, "
+                             "method, path, ns, status, bytes, seconds; error) for Loki or "
+                             "Elasticsearch (default: %(default)s)")
     return parser
 
 
@@ -2350,6 +2381,9 @@ def main(argv=None):
     level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
+    if args.log_format == "json":
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonLogFormatter())
     if (args.check or args.gc) and not os.path.isdir(args.root):
         print("%s: error: root directory %s does not exist (--root)" % (
             parser.prog, args.root), file=sys.stderr)

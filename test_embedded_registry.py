@@ -4002,3 +4002,26 @@ def test_repository_names_the_tree_cannot_lay_out(tmp_path):
     builder.image("team/blobs", "amd64", tag="1")
     result = check(tmp_path)
     assert result.returncode == 1 and "not a valid repository name" in result.stdout
+
+
+# --- Logs for Loki and Elasticsearch -------------------------------------------------------
+
+def test_json_logs_carry_each_request_s_fields(fixture, tls):
+    with server_process("--root", fixture.root, "--cert", tls["cert"], "--key", tls["key"],
+                        "--log-format", "json", drain=True) as (process, url):
+        assert https_or_http_status(url, "/v2/library/multi/manifests/v1?ns=docker.io",
+                                    tls["ca"]) == 200
+        assert https_or_http_status(url, "/v2/nope/manifests/1", tls["ca"]) == 404
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(10) == 0
+    entries = [json.loads(line) for line in process.log_lines]  # every line is JSON
+    access = [e for e in entries if e.get("path") == "/v2/library/multi/manifests/v1"
+              "?ns=docker.io"]
+    assert len(access) == 1
+    entry = access[0]
+    assert entry["method"] == "GET" and entry["status"] == 200 and entry["ns"] == "docker.io"
+    assert entry["client"] == "127.0.0.1" and entry["level"] == "info"
+    served = open(fixture.file("library", "multi", "manifests", "v1"), "rb").read()
+    assert entry["bytes"] == len(served) and entry["seconds"] >= 0
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", entry["time"])
+    assert any(e.get("status") == 404 for e in entries)
