@@ -1109,9 +1109,10 @@ def inventory_of_tree(root):
             document = sound_manifest(os.path.join(top, "manifests", name), name)
             if document is None:
                 continue
-            present = [d for d in blob_descriptors_of(document)
+            named = blob_descriptors_of(document)
+            present = [d for d in named
                        if blob_size(os.path.join(top, "blobs", d["digest"])) == d["size"]]
-            if len(present) == len(blob_descriptors_of(document)):
+            if len(present) == len(named):
                 manifests.add((repo, name))
                 blobs.update(d["digest"] for d in present)
     return Inventory(manifests, blobs)

@@ -1195,6 +1195,7 @@ class GarbageCollection:
         self.removed = []  # {"kind", "path", "bytes"}
         self.warnings = []
         self._kept_digests = []  # (Repository, digest) kept by a reference by digest
+        self._read = {}  # path -> (Manifest, document, children, blobs) or ManifestProblem
 
     def run(self):
         repositories = self._repositories()
@@ -1287,8 +1288,7 @@ class GarbageCollection:
                 continue
             live.add((id(repository), real))
             try:
-                manifest, document = load_manifest(path)
-                children, descriptors = document_references(document)
+                manifest, _, children, descriptors = self._manifest(path)
             except ManifestProblem as problem:
                 unreadable.append("%s %s" % (path, problem))
                 continue
@@ -1301,8 +1301,20 @@ class GarbageCollection:
                 blobs.update(real_path(os.path.join(store, d["digest"])) for d in descriptors)
         return {real for _, real in live}, blobs, unreadable
 
-    @staticmethod
-    def _referrers_by_subject(repository):
+    def _manifest(self, path):
+        """(Manifest, document, children, blob descriptors) of the manifest at path, read
+        once however many steps ask; ManifestProblem if it cannot be served."""
+        if path not in self._read:
+            try:
+                manifest, document = load_manifest(path)
+                self._read[path] = (manifest, document) + document_references(document)
+            except ManifestProblem as problem:
+                self._read[path] = problem
+        if isinstance(self._read[path], ManifestProblem):
+            raise self._read[path]
+        return self._read[path]
+
+    def _referrers_by_subject(self, repository):
         """{subject digest: [paths]}: manifests with an OCI 1.1 subject, and those an
         artifact tag (sha256-<hex>.sig, ...) names, by the manifest they are of."""
         found = collections.defaultdict(list)
@@ -1312,7 +1324,7 @@ class GarbageCollection:
                 found["%s:%s" % match.groups()].append(path)
         for path in repository.digests.values():
             with contextlib.suppress(ManifestProblem):
-                subject = subject_of(load_manifest(path)[1])
+                subject = subject_of(self._manifest(path)[1])
                 if subject:
                     found[subject].append(path)
         return found
@@ -1331,12 +1343,10 @@ class GarbageCollection:
                     self._remove("manifest", repository.digests.pop(digest))
                     del doomed[digest]
 
-    @staticmethod
-    def _points_to(path):
+    def _points_to(self, path):
         """The digests a manifest names as children or as its subject."""
         try:
-            document = load_manifest(path)[1]
-            children, _ = document_references(document)
+            _, document, children, _ = self._manifest(path)
         except ManifestProblem:
             return set()
         return {c["digest"] for c in children} | {subject_of(document)} - {None}
