@@ -1171,6 +1171,8 @@ def describe_platform(platform):
 
 # --- Garbage collection (--gc) ----------------------------------------------------------
 
+# What --gc needs of a manifest: its digest and the digests it names.
+ManifestLinks = collections.namedtuple("ManifestLinks", "digest subject children blobs")
 # One repository's manifests folder, under every name (and folder) that leads to it.
 Repository = collections.namedtuple("Repository", "names directories tags digests")
 
@@ -1195,7 +1197,7 @@ class GarbageCollection:
         self.removed = []  # {"kind", "path", "bytes"}
         self.warnings = []
         self._kept_digests = []  # (Repository, digest) kept by a reference by digest
-        self._read = {}  # path -> (Manifest, document, children, blobs) or ManifestProblem
+        self._read = {}  # path -> ManifestLinks, or the ManifestProblem it has
 
     def run(self):
         repositories = self._repositories()
@@ -1288,26 +1290,30 @@ class GarbageCollection:
                 continue
             live.add((id(repository), real))
             try:
-                manifest, _, children, descriptors = self._manifest(path)
+                links = self._manifest(path)
             except ManifestProblem as problem:
                 unreadable.append("%s %s" % (path, problem))
                 continue
-            pending += [(repository, repository.digests[child["digest"]])
-                        for child in children if child["digest"] in repository.digests]
-            for digest in {manifest.digest, os.path.basename(real or "")}:
+            pending += [(repository, repository.digests[child]) for child in links.children
+                        if child in repository.digests]
+            for digest in {links.digest, os.path.basename(real or "")}:
                 pending += [(repository, p) for p in referrers[id(repository)].get(digest, [])]
             for directory in repository.directories:
                 store = blob_store(self.root, directory)
-                blobs.update(real_path(os.path.join(store, d["digest"])) for d in descriptors)
+                blobs.update(real_path(os.path.join(store, d)) for d in links.blobs)
         return {real for _, real in live}, blobs, unreadable
 
     def _manifest(self, path):
-        """(Manifest, document, children, blob descriptors) of the manifest at path, read
-        once however many steps ask; ManifestProblem if it cannot be served."""
+        """What the manifest at path links to, read once however many steps ask (and
+        only that is kept: a tree's manifests need not all be in memory at once);
+        ManifestProblem if it cannot be served."""
         if path not in self._read:
             try:
                 manifest, document = load_manifest(path)
-                self._read[path] = (manifest, document) + document_references(document)
+                children, descriptors = document_references(document)
+                self._read[path] = ManifestLinks(
+                    manifest.digest, subject_of(document), [c["digest"] for c in children],
+                    [d["digest"] for d in descriptors])
             except ManifestProblem as problem:
                 self._read[path] = problem
         if isinstance(self._read[path], ManifestProblem):
@@ -1324,7 +1330,7 @@ class GarbageCollection:
                 found["%s:%s" % match.groups()].append(path)
         for path in repository.digests.values():
             with contextlib.suppress(ManifestProblem):
-                subject = subject_of(self._manifest(path)[1])
+                subject = self._manifest(path).subject
                 if subject:
                     found[subject].append(path)
         return found
@@ -1346,10 +1352,10 @@ class GarbageCollection:
     def _points_to(self, path):
         """The digests a manifest names as children or as its subject."""
         try:
-            _, document, children, _ = self._manifest(path)
+            links = self._manifest(path)
         except ManifestProblem:
             return set()
-        return {c["digest"] for c in children} | {subject_of(document)} - {None}
+        return set(links.children) | {links.subject} - {None}
 
     def _remove_blobs(self, repositories, live):
         stores = {real_path(blob_store(self.root, directory))
