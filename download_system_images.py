@@ -54,6 +54,7 @@ import os
 import posixpath
 import re
 import shutil
+import ssl
 import stat
 import subprocess
 import sys
@@ -85,6 +86,11 @@ DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+IMAGE_CONFIGS = (OCI_CONFIG, DOCKER_CONFIG)
+HELM_CONFIG = "application/vnd.cncf.helm.config.v1+json"
+# What a registry is asked for when a manifest may be of any kind.
+MANIFEST_ACCEPT = ", ".join((OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST))
 # A Docker archive's layers are whatever `docker save` wrote, usually uncompressed tars.
 DOCKER_LAYER_TYPES = [(b"\x1f\x8b", "application/vnd.docker.image.rootfs.diff.tar.gzip"),
                       (b"\x28\xb5\x2f\xfd", "application/vnd.docker.image.rootfs.diff.tar.zstd"),
@@ -115,6 +121,26 @@ FULL_VERSION_RE = re.compile(r"v\d+\.\d+\.\d+\S*")
 # The default variant of an architecture, as containerd's platform matcher assumes it.
 DEFAULT_VARIANTS = {"arm64": "v8", "arm": "v7"}
 TEMP_PREFIX = ".incoming-"
+
+# What refers to an image: cosign's tags beside it, by suffix, and what an artifact's type
+# says it is. A type naming none of these counts as an "artifact".
+COSIGN_TAG_KINDS = (("sig", "signature"), ("att", "attestation"), ("sbom", "SBOM"))
+REFERRER_KIND_WORDS = (("signature", ("signature", "cosign.artifact.sig", "sigstore.bundle")),
+                       ("attestation", ("dsse", "in-toto", "intoto", "attestation")),
+                       ("SBOM", ("spdx", "cyclonedx", "syft", "sbom")))
+# A signature on an SBOM on an image is depth 2; an upstream that goes on past this, or
+# names more than this many referrers of one image, is not followed further.
+MAX_REFERRER_DEPTH = 8
+MAX_REFERRERS = 1000
+# A registry without the referrers API answers one of these (the spec says 404).
+NO_REFERRERS_API = (400, 404, 405, 501)
+REGISTRY_TIMEOUT = 60
+# Docker Hub's API host, and the keys its credentials are stored under.
+DOCKER_HUB_API = "registry-1.docker.io"
+DOCKER_HUB_AUTH_KEYS = ("https://index.docker.io/v1/", "index.docker.io", "docker.io",
+                        DOCKER_HUB_API)
+TOKEN_RE = re.compile(r"[\x21-\x7e]{1,16384}")
+CHALLENGE_PARAM_RE = re.compile(r'(\w+)="([^"]*)"')
 
 
 class DownloadError(Exception):
@@ -147,9 +173,12 @@ class ImageRef(collections.namedtuple("ImageRef", "registry repository tag diges
 
 
 def parse_reference(text):
-    """Parse an image reference: nginx, quay.io/x/y:1, localhost:5000/a@sha256:..."""
+    """Parse an image reference: nginx, quay.io/x/y:1, localhost:5000/a@sha256:..., and
+    oci://ghcr.io/org/charts/app:1.2.3 as Helm writes an artifact's."""
     original = text
     text = text.strip()
+    if text.startswith("oci://"):
+        text = text[len("oci://"):]
     name, _, digest = text.partition("@")
     if digest and not DIGEST_RE.fullmatch(digest):
         raise ValueError("%r: the digest must be sha256: and 64 lowercase hex digits" % original)
@@ -244,6 +273,50 @@ def manifest_kind(document):
         raise DownloadError("Docker schema 1 manifests are not supported; re-push the image "
                             "with a current client")
     raise DownloadError("unrecognised manifest (mediaType %r)" % media_type)
+
+
+def artifact_kind(document):
+    """"chart" or "artifact" for a manifest that is not a container image, else None."""
+    config_type = document["config"].get("mediaType")
+    if config_type == HELM_CONFIG:
+        return "chart"
+    if document.get("artifactType") or config_type not in IMAGE_CONFIGS + (None,):
+        return "artifact"
+    return None
+
+
+def referrer_kind(document):
+    """signature, attestation, SBOM or artifact, from a referrer's artifact type (or its
+    config's media type, where the OCI spec says a client falls back to it)."""
+    artifact_type = document.get("artifactType")
+    if not isinstance(artifact_type, str) and manifest_kind(document) == "manifest":
+        artifact_type = document["config"].get("mediaType")
+    artifact_type = (artifact_type or "").lower()
+    for kind, words in REFERRER_KIND_WORDS:
+        if any(word in artifact_type for word in words):
+            return kind
+    return "artifact"
+
+
+def subject_of(document):
+    """The digest a manifest refers to (its OCI 1.1 subject, past the gate), or None."""
+    subject = document.get("subject")
+    return subject["digest"] if isinstance(subject, dict) else None
+
+
+def describe(document, children):
+    """What one line of the run calls an image: its platforms, or chart or artifact."""
+    if manifest_kind(document) == "index":
+        return "%d platform%s" % (children, "s" if children != 1 else "")
+    return artifact_kind(document) or "image"
+
+
+def count_kinds(kinds):
+    """'2 signatures, 1 attestation, 1 SBOM' from a list of kinds."""
+    counts = collections.Counter(kinds)
+    order = [kind for kind, _ in REFERRER_KIND_WORDS] + ["artifact"]
+    return ", ".join("%d %s%s" % (counts[kind], kind, "s" if counts[kind] > 1 else "")
+                     for kind in order if counts[kind])
 
 
 def blob_descriptors(document):
@@ -365,6 +438,9 @@ def check_document(document, what):
         kind = manifest_kind(document)
     except DownloadError as error:
         raise DownloadError("%s: %s" % (what, error))
+    if "artifactType" in document and not isinstance(document["artifactType"], str):
+        raise DownloadError("%s: artifactType is %s, not a string"
+                            % (what, shown(document["artifactType"])))
     if kind == "index":
         entries = document.get("manifests", [])
         if not isinstance(entries, list):
@@ -376,6 +452,8 @@ def check_document(document, what):
                                 % (what, shown(document["layers"])))
         descriptors = [("config", document["config"])]
         descriptors += [("layers[%d]" % n, layer) for n, layer in enumerate(document["layers"])]
+    if "subject" in document:
+        descriptors.append(("subject", document["subject"]))
     for field, descriptor in descriptors:
         problem = descriptor_problem(descriptor, field)
         if problem:
@@ -424,6 +502,8 @@ class Crane(Source):
     """crane manifest / crane blob; trusts SSL_CERT_FILE for a private upstream."""
 
     name = "crane"
+    # Where crane (like docker) keeps registry credentials.
+    auth_files = ("$DOCKER_CONFIG/config.json", "~/.docker/config.json")
 
     def __init__(self, path, insecure=False):
         self.path = path
@@ -449,6 +529,9 @@ class Skopeo(Source):
     """skopeo inspect --raw / skopeo copy to dir:; trusts /etc/containers/certs.d."""
 
     name = "skopeo"
+    # Where skopeo (containers-auth.json(5)) looks for credentials, in its order.
+    auth_files = ("$REGISTRY_AUTH_FILE", "$XDG_RUNTIME_DIR/containers/auth.json",
+                  "~/.config/containers/auth.json", "~/.docker/config.json")
 
     def __init__(self, path, insecure=False):
         self.path = path
@@ -481,6 +564,187 @@ def find_tool(choice, insecure):
         raise DownloadError("--tool %s: %s is not on PATH" % (choice, choice))
     raise DownloadError("neither crane nor skopeo is on PATH: install one of them "
                         "(skopeo is packaged by most distributions)")
+
+
+# --- The upstream's registry API, where the tools have no verb -------------------------
+# Neither crane nor skopeo lists referrers, and both fail alike on a tag that is absent and
+# on one that cannot be read. This small client asks the registry itself, with the trust
+# and credentials the tool would use, so that a 404 can be told apart as an answer.
+
+class NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect would carry the Authorization header to another host: not followed."""
+
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+def api_host(registry):
+    return DOCKER_HUB_API if registry == DEFAULT_REGISTRY else registry
+
+
+def expand_path(pattern):
+    """An auth file's path with $VARIABLE and ~ expanded; None if a variable is unset."""
+    variable = re.match(r"\$(\w+)", pattern)
+    if variable and not os.environ.get(variable.group(1)):
+        return None
+    return os.path.expanduser(os.path.expandvars(pattern))
+
+
+def stored_credentials(auth_files, registry):
+    """The 'Basic ...' header value for registry from the first auth file naming it."""
+    keys = DOCKER_HUB_AUTH_KEYS if registry == DEFAULT_REGISTRY else (
+        registry, "https://" + registry, "http://" + registry)
+    for pattern in auth_files:
+        path = expand_path(pattern)
+        try:
+            with open(path, "rb") as f:
+                auths = json.loads(f.read(MAX_MANIFEST_BYTES)).get("auths")
+        except (TypeError, OSError, ValueError, AttributeError):
+            continue
+        for key in keys:
+            entry = auths.get(key) if isinstance(auths, dict) else None
+            if isinstance(entry, dict) and matches(TOKEN_RE, entry.get("auth")):
+                return "Basic " + entry["auth"]
+    return None
+
+
+def certs_d_files(host):
+    """CA files for host in the directories skopeo, podman and docker read."""
+    files = []
+    for directory in ("/etc/containers/certs.d", "/etc/docker/certs.d"):
+        folder = os.path.join(directory, host)
+        with contextlib.suppress(OSError):
+            files += sorted(os.path.join(folder, name) for name in os.listdir(folder)
+                            if name.endswith(".crt"))
+    return files
+
+
+class UpstreamRegistry:
+    """GET /v2/<repository>/referrers/<digest> and /manifests/<tag> on the upstream.
+
+    HTTPS, verified against the system trust (SSL_CERT_FILE and SSL_CERT_DIR included)
+    and /etc/containers/certs.d/<host>; with --insecure, unverified, and plain HTTP where
+    HTTPS is not spoken. Anonymous unless the tool's auth file holds credentials; a
+    registry's bearer-token challenge is answered as docker and containerd answer it.
+    """
+
+    def __init__(self, auth_files, insecure=False):
+        self.auth_files = auth_files
+        self.insecure = insecure
+        self._schemes = {}  # host -> the scheme that answered
+        self._authorization = {}  # (host, repository) -> Authorization header value
+        self._openers = {}  # host -> an opener with that host's trust
+
+    def referrers(self, image, digest):
+        """Descriptors of what refers to digest, or None where the API is not offered."""
+        what = "referrers of %s" % image.pinned(digest)
+        status, body = self._get(image, "referrers/" + digest, OCI_INDEX)
+        if status in NO_REFERRERS_API:
+            return None
+        if status != 200:
+            raise DownloadError("%s: the upstream answered %d" % (what, status))
+        index = check_document(parse_json(body, what), what)
+        if manifest_kind(index) != "index":
+            raise DownloadError("%s: the upstream answered with a manifest, not an index" % what)
+        return index.get("manifests", [])
+
+    def tagged(self, image, tag):
+        """The manifest bytes under tag, or None where the upstream has no such tag."""
+        status, body = self._get(image, "manifests/" + tag, MANIFEST_ACCEPT)
+        if status == 404:
+            return None
+        if status != 200:
+            raise DownloadError("%s:%s: the upstream answered %d" % (image.repo, tag, status))
+        return body
+
+    def _get(self, image, path, accept):
+        host = api_host(image.registry)
+        url_path = "/v2/%s/%s" % (image.repository, path)
+        headers = {"Accept": accept}
+        key = (host, image.repository)
+        if key in self._authorization:
+            headers["Authorization"] = self._authorization[key]
+        status, reply, body = self._request(host, url_path, headers)
+        if status == 401 and key not in self._authorization:
+            self._authorization[key] = self._answer_challenge(
+                image, reply.get("WWW-Authenticate", ""))
+            headers["Authorization"] = self._authorization[key]
+            status, reply, body = self._request(host, url_path, headers)
+        return status, body
+
+    def _answer_challenge(self, image, challenge):
+        """The Authorization value a 401's WWW-Authenticate asks for."""
+        credentials = stored_credentials(self.auth_files, image.registry)
+        scheme = challenge.split(" ", 1)[0].lower()
+        if scheme == "basic" and credentials:
+            return credentials
+        if scheme != "bearer":
+            raise DownloadError("%s: the upstream asks for credentials (%s) that %s does "
+                                "not hold" % (image.repo, shown(challenge),
+                                              " or ".join(self.auth_files)))
+        params = dict(CHALLENGE_PARAM_RE.findall(challenge))
+        realm = urllib.parse.urlsplit(params.get("realm", ""))
+        if realm.scheme not in ("https", "http") or not realm.netloc:
+            raise DownloadError("%s: the upstream's token realm %s is not an HTTP URL"
+                                % (image.repo, shown(params.get("realm"))))
+        query = {"service": params.get("service", ""),
+                 "scope": params.get("scope", "repository:%s:pull" % image.repository)}
+        headers = {"Authorization": credentials} if credentials else {}
+        status, _, body = self._request(
+            realm.netloc, realm.path + "?" + urllib.parse.urlencode(query), headers,
+            scheme=realm.scheme)
+        what = "the token from %s" % realm.netloc
+        if status != 200:
+            raise DownloadError("%s: the upstream's token service answered %d" % (
+                image.repo, status))
+        answer = parse_json(body, what)
+        token = answer.get("token") or answer.get("access_token") if isinstance(
+            answer, dict) else None
+        if not matches(TOKEN_RE, token):
+            raise DownloadError("%s is not a token" % what)
+        return "Bearer " + token
+
+    def _request(self, host, path, headers, scheme=None):
+        """(status, headers, body) of one GET; HTTPS first, and plain HTTP after it only
+        with --insecure. Bodies past the manifest limit are refused."""
+        schemes = [scheme] if scheme else [self._schemes.get(host, "https")]
+        if not scheme and self.insecure and schemes[0] == "https":
+            schemes.append("http")
+        for attempt in schemes:
+            url = "%s://%s%s" % (attempt, host, path)
+            try:
+                with self._opener(host).open(urllib.request.Request(url, headers=headers),
+                                             timeout=REGISTRY_TIMEOUT) as response:
+                    status, reply = response.status, response.headers
+                    body = response.read(MAX_MANIFEST_BYTES + 1)
+            except urllib.error.HTTPError as error:
+                status, reply, body = error.code, error.headers, error.read(MAX_MANIFEST_BYTES)
+            except (urllib.error.URLError, OSError) as error:
+                if attempt != schemes[-1]:
+                    continue
+                raise DownloadError("GET %s: %s" % (url, getattr(error, "reason", error)))
+            if len(body) > MAX_MANIFEST_BYTES:
+                raise DownloadError("GET %s: the answer is over %d bytes"
+                                    % (url, MAX_MANIFEST_BYTES))
+            if not scheme:
+                self._schemes[host] = attempt
+            return status, reply, body
+
+    def _opener(self, host):
+        if host not in self._openers:
+            self._openers[host] = self._new_opener(host)
+        return self._openers[host]
+
+    def _new_opener(self, host):
+        context = ssl.create_default_context()
+        if self.insecure:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        for path in certs_d_files(host):
+            with contextlib.suppress(ssl.SSLError, OSError):
+                context.load_verify_locations(path)
+        return urllib.request.build_opener(NoRedirects, urllib.request.HTTPSHandler(
+            context=context))
 
 
 # --- Image archives (--from-archive): docker-archive and oci-archive files ---------------
@@ -637,6 +901,7 @@ class ArchiveSource(Source):
         self.manifests = {}  # digest -> manifest bytes written here (Docker archives)
         self.problems = []  # (what, message) for images that cannot be imported
         self._digests = {}  # extracted file -> its digest
+        self._referrers = collections.defaultdict(list)  # subject -> [descriptor]
 
     def add(self, path):
         """Unpack one archive; returns [(ImageRef pinned to its digest, where)]."""
@@ -645,6 +910,7 @@ class ArchiveSource(Source):
             match = OCI_BLOB_RE.fullmatch(name)
             if match:
                 self.blobs["sha256:" + match.group(1)] = extracted
+                self._note_referrer("sha256:" + match.group(1), extracted)
         if "index.json" in files:
             return self._oci_images(path, files)
         if "manifest.json" in files:
@@ -663,6 +929,8 @@ class ArchiveSource(Source):
                 continue
             name = oci_image_name(entry.get("annotations"))
             digest = entry["digest"]
+            if not name and self._is_referrer(digest):
+                continue  # it comes along with its subject
             if not name:
                 self.problems.append((where, "no image name in its annotations (%s)"
                                       % ", ".join(IMAGE_NAME_ANNOTATIONS)))
@@ -712,6 +980,34 @@ class ArchiveSource(Source):
         except ValueError as error:
             self.problems.append((where, str(error)))
             return None
+
+    def _note_referrer(self, digest, extracted):
+        """Remember a blob that is a manifest with an OCI 1.1 subject, as a registry's
+        referrers API would list it. A blob that is not one is left alone."""
+        with open(extracted, "rb") as f:
+            if os.fstat(f.fileno()).st_size > MAX_MANIFEST_BYTES or f.read(1) != b"{":
+                return
+            body = b"{" + f.read()
+        try:
+            document = check_document(parse_json(body, digest), digest)
+        except DownloadError:
+            return
+        subject = document.get("subject")
+        if subject and sha256_digest(body) == digest:
+            descriptor = {"mediaType": document.get("mediaType", OCI_MANIFEST),
+                          "digest": digest, "size": len(body)}
+            self._referrers[subject["digest"]].append(descriptor)
+
+    def _is_referrer(self, digest):
+        return any(d["digest"] == digest for found in self._referrers.values() for d in found)
+
+    def referrers(self, image, digest):
+        """What in the archives refers to digest, as a referrers API lists it."""
+        return list(self._referrers.get(digest, ()))
+
+    def tagged(self, image, tag):
+        """An archive names images, not tags such as cosign's: there is none to find."""
+        return None
 
     def has_manifest(self, digest):
         return digest in self.manifests or digest in self.blobs
@@ -912,26 +1208,40 @@ def process_alive(pid):
 
 # --- Downloading ----------------------------------------------------------------------
 
-Result = collections.namedtuple("Result", "image ok message blobs_new blobs_reused bytes")
+# what: "image", "3 platforms", "chart" or "artifact"; referrers: [Referrer] saved with it.
+Result = collections.namedtuple("Result", "image ok message blobs_new blobs_reused bytes what "
+                                "referrers", defaults=("", ()))
 Resolved = collections.namedtuple("Resolved", "image where body digest document")
+# One manifest that refers to an image's: tag is cosign's or the fallback tag, or None;
+# kind is None for a fallback tag's index, which lists referrers and is not one.
+Referrer = collections.namedtuple("Referrer", "digest tag kind")
+Fetched = collections.namedtuple("Fetched", "body digest document")
 
 
 class Downloader:
-    def __init__(self, tool, writer, platforms, trim=True, jobs=4):
+    """Fetches images into the tree; with a finder (the upstream's registry API, or the
+    archives), also whatever refers to each manifest saved, and what refers to that."""
+
+    def __init__(self, tool, writer, platforms, trim=True, jobs=4, finder=None):
         self.tool = tool
         self.writer = writer
         self.platforms = platforms
         self.trim = trim
         self.jobs = jobs
+        self.finder = finder
 
     def fetch_manifest(self, reference, expected=None):
         """(bytes, digest, document) of a manifest or index, which has passed the gate."""
         body = self.tool.manifest(reference)
+        return self.checked(body, reference, expected)
+
+    @staticmethod
+    def checked(body, reference, expected=None):
         digest = sha256_digest(body)
         if expected and digest != expected:
             raise DownloadError("manifest %s arrived with digest %s" % (reference, digest))
         what = "manifest %s" % reference
-        return body, digest, check_document(parse_json(body, what), what)
+        return Fetched(body, digest, check_document(parse_json(body, what), what))
 
     def resolve(self, image, where):
         reference = image.pinned(image.digest) if image.digest else str(image)
@@ -940,43 +1250,128 @@ class Downloader:
 
     def download(self, resolved):
         """Fetch one resolved image into the tree; returns a Result."""
-        image, document = resolved.image, resolved.document
+        image = resolved.image
         repo = image.tree_repo(self.trim)
-        manifests = [(resolved.body, resolved.digest, document)]
-        is_index = manifest_kind(document) == "index"
-        if is_index:
-            children = [c for c in document.get("manifests", [])
-                        if platform_matches(self.platforms, c.get("platform"))
-                        and self.tool.has_manifest(c.get("digest"))]
-            if not children:
-                raise DownloadError("no manifest for %s in the index (it has: %s)" % (
-                    ", ".join(platform_names(self.platforms)),
-                    ", ".join(describe_platform(c.get("platform"))
-                              for c in document.get("manifests", []))))
-            manifests += [self.fetch_manifest(image.pinned(c["digest"]), c["digest"])
-                          for c in children]
-            nested = [digest for _, digest, child in manifests[1:]
-                      if manifest_kind(child) != "manifest"]
-            if nested:
-                raise DownloadError("index %s names another index, %s; an index of indexes "
-                                    "is not supported" % (resolved.digest, nested[0]))
-        new = reused = fetched = 0
-        for _, digest, child in manifests[1:] if is_index else manifests:
-            descriptors = blob_descriptors(child)
-            missing = [d for d in unique(descriptors) if not self.writer.has_blob(d)]
-            reused += len(unique(descriptors)) - len(missing)
-            if missing:
-                paths = self.tool.fetch_blobs(image, digest, missing, self.writer.workdir,
-                                              self.jobs)
-                for descriptor in missing:
-                    fetched += self.writer.place_blob(descriptor, paths[descriptor["digest"]])
-                new += len(missing)
-        self.writer.link_blobs(repo)
-        for body, _, _ in manifests:
-            self.writer.save_manifest(repo, body)
+        top = Fetched(resolved.body, resolved.digest, resolved.document)
+        manifests = self.with_children(image, top, self.platforms)
+        counts = self.store(image, repo, manifests)
         if image.tag:
             self.writer.link_tag(repo, image.tag, resolved.digest)
-        return Result(image, True, resolved.digest, new, reused, fetched)
+        referrers = []
+        if self.finder:
+            referrers = self.save_referrers(image, repo, [m.digest for m in manifests], counts)
+        return Result(image, True, resolved.digest, counts["new"], counts["reused"],
+                      counts["bytes"], describe(top.document, len(manifests) - 1), referrers)
+
+    def with_children(self, image, top, platforms):
+        """[Fetched]: an index's children for platforms (children without a platform,
+        such as an artifact's, always), then the top manifest itself."""
+        if manifest_kind(top.document) != "index":
+            return [top]
+        entries = top.document.get("manifests", [])
+        wanted = [c for c in entries
+                  if ("platform" not in c or platform_matches(platforms, c["platform"]))
+                  and self.tool.has_manifest(c["digest"])]
+        if not wanted:
+            raise DownloadError("no manifest for %s in the index (it has: %s)" % (
+                ", ".join(platform_names(platforms)),
+                ", ".join(describe_platform(c.get("platform")) for c in entries)))
+        children = [self.fetch_manifest(image.pinned(c["digest"]), c["digest"]) for c in wanted]
+        nested = [child.digest for child in children if manifest_kind(child.document) != "manifest"]
+        if nested:
+            raise DownloadError("index %s names another index, %s; an index of indexes "
+                                "is not supported" % (top.digest, nested[0]))
+        return children + [top]
+
+    def store(self, image, repo, manifests, counts=None):
+        """Fetch the blobs the manifests name that the tree lacks, then save the manifests
+        in order (children before their index); counts new, reused and bytes."""
+        counts = counts if counts is not None else collections.Counter()
+        for manifest in manifests:
+            if manifest_kind(manifest.document) == "index":
+                continue
+            descriptors = unique(blob_descriptors(manifest.document))
+            missing = [d for d in descriptors if not self.writer.has_blob(d)]
+            counts["reused"] += len(descriptors) - len(missing)
+            if missing:
+                paths = self.tool.fetch_blobs(image, manifest.digest, missing,
+                                              self.writer.workdir, self.jobs)
+                for descriptor in missing:
+                    counts["bytes"] += self.writer.place_blob(descriptor,
+                                                              paths[descriptor["digest"]])
+                counts["new"] += len(missing)
+        self.writer.link_blobs(repo)
+        for manifest in manifests:
+            self.writer.save_manifest(repo, manifest.body)
+        return counts
+
+    # Referrers: breadth first from the image's manifests, each manifest saved once.
+
+    def save_referrers(self, image, repo, subjects, counts):
+        """Save what refers to each subject, and what refers to that in turn; returns the
+        [Referrer] saved, in order."""
+        saved, seen, level = [], set(subjects), list(subjects)
+        for _ in range(MAX_REFERRER_DEPTH):
+            following = []
+            for subject in level:
+                for found, tag, kind in self.find_referrers(image, subject):
+                    if found.digest not in seen:
+                        # A fallback tag's index names referrers saved just before it.
+                        manifests = [found] if kind is None else self.with_children(
+                            image, found, None)
+                        self.store(image, repo, manifests, counts)
+                        following += [found.digest] if kind else []
+                    elif not tag:
+                        continue
+                    seen.add(found.digest)
+                    if tag:
+                        self.writer.link_tag(repo, tag, found.digest)
+                    saved.append(Referrer(found.digest, tag, kind))
+                    if len(saved) > MAX_REFERRERS:
+                        raise DownloadError("more than %d manifests refer to %s; not followed"
+                                            % (MAX_REFERRERS, image))
+            level = following
+            if not level:
+                return saved
+        log.warning("%s: referrers nested deeper than %d were not followed", image,
+                    MAX_REFERRER_DEPTH)
+        return saved
+
+    def find_referrers(self, image, subject):
+        """[(Fetched, tag, kind)] of what refers to subject: the referrers API where the
+        upstream offers it, else the fallback tag's index (listed after the referrers it
+        names), and cosign's .sig, .att and .sbom tags."""
+        tag_base = "sha256-" + digest_hex(subject)
+        found = []
+        listed = self.finder.referrers(image, subject)
+        if listed is None:
+            fallback = self.tagged(image, tag_base)
+            listed = fallback.document.get("manifests", []) if fallback else []
+        else:
+            log.debug("%s: the upstream's referrers API lists %d", image.pinned(subject),
+                      len(listed))
+            fallback = None
+        for descriptor in listed:
+            referrer = self.fetch_manifest(image.pinned(descriptor["digest"]),
+                                           descriptor["digest"])
+            if subject_of(referrer.document) != subject:
+                log.warning("%s: %s is listed as a referrer of %s but does not name it as "
+                            "its subject; left out", image, referrer.digest, subject)
+                fallback = None  # an index naming what is not saved is not saved either
+                continue
+            found.append((referrer, None, referrer_kind(referrer.document)))
+        if fallback:
+            found.append((fallback, tag_base, None))
+        for suffix, kind in COSIGN_TAG_KINDS:
+            tagged = self.tagged(image, "%s.%s" % (tag_base, suffix))
+            if tagged:
+                found.append((tagged, "%s.%s" % (tag_base, suffix), kind))
+        return found
+
+    def tagged(self, image, tag):
+        """Fetched of the manifest under tag in the image's repository, or None."""
+        body = self.finder.tagged(image, tag)
+        return self.checked(body, "%s:%s" % (image.repo, tag)) if body is not None else None
 
 
 def unique(descriptors):
@@ -1035,8 +1430,10 @@ def download_all(downloader, images):
             log.error("%s: %s", item.image, error)
         else:
             named = item.image._replace(digest=None) if item.image.tag else item.image
-            log.info("%s %s %d blobs new (%s), %d reused", named, item.digest,
-                     result.blobs_new, human_bytes(result.bytes), result.blobs_reused)
+            carried = count_referrers([result])
+            log.info("%s %s %s, %d blobs new (%s), %d reused%s", named, item.digest,
+                     result.what, result.blobs_new, human_bytes(result.bytes),
+                     result.blobs_reused, "; with " + carried if carried else "")
         results.append(result)
     return results
 
@@ -1047,8 +1444,17 @@ def summarise(results, seconds):
         len(results), len(ok), len(results) - len(ok), sum(r.blobs_new for r in results),
         sum(r.blobs_reused for r in results), human_bytes(sum(r.bytes for r in results)),
         seconds)]
+    if count_referrers(results):
+        lines.append("with them: " + count_referrers(results))
     lines += ["  FAILED %s: %s" % (r.image, r.message) for r in results if not r.ok]
     return "\n".join(lines)
+
+
+def count_referrers(results):
+    """'2 signatures, 1 SBOM' for the referrers the results brought, each counted once."""
+    kinds = {(r.image.tree_repo(), found.digest): found.kind
+             for r in results for found in r.referrers if found.kind}
+    return count_kinds(kinds.values())
 
 
 # --- Bundles: what crosses the gap, and what the other side already has ------------------
@@ -1169,26 +1575,30 @@ class Bundle:
         self.full_bytes = 0  # what a full bundle would carry
         self._seen = set()
 
-    def add(self, image, digest, repo):
-        """One image of the run: its manifests and blobs as the tree holds them."""
+    def add(self, result, repo):
+        """One image of the run, and what came along with it: manifests and blobs as the
+        tree holds them, and their tags."""
         known_repo = any(r == repo for r, _ in self.since.manifests)
         parts = repo.split("/")
         if not known_repo:
             self.links.update("/".join(parts[:depth]) for depth in range(1, len(parts) + 1))
-        for manifest_digest, document in self._manifests_of(repo, digest):
-            for descriptor in blob_descriptors_of(document):
-                self._add_blob(descriptor["digest"])
-            self._add_manifest(repo, manifest_digest)
-        if image.tag:
-            self.tags["%s/manifests/%s" % (repo, image.tag)] = digest
+        tagged = [(result.message, result.image.tag, self.platforms)]
+        tagged += [(found.digest, found.tag, None) for found in result.referrers]
+        for digest, tag, platforms in tagged:
+            for manifest_digest, document in self._manifests_of(repo, digest, platforms):
+                for descriptor in blob_descriptors_of(document):
+                    self._add_blob(descriptor["digest"])
+                self._add_manifest(repo, manifest_digest)
+            if tag:
+                self.tags["%s/manifests/%s" % (repo, tag)] = digest
 
-    def _manifests_of(self, repo, digest):
-        """(digest, document) of the top manifest and its children in the tree, children
-        first."""
+    def _manifests_of(self, repo, digest, platforms):
+        """(digest, document) of the top manifest and its children in the tree for
+        platforms (children without a platform, always), children first."""
         top = self._document(repo, digest)
         children = [c["digest"] for c in top.get("manifests", [])
                     if manifest_kind(top) == "index"
-                    and platform_matches(self.platforms, c.get("platform"))
+                    and ("platform" not in c or platform_matches(platforms, c["platform"]))
                     and os.path.isfile(self._path(repo, "manifests", c["digest"]))]
         return [(c, self._document(repo, c)) for c in children] + [(digest, top)]
 
@@ -1328,7 +1738,7 @@ def make_bundle(path, results, args, platforms, version, since):
     bundle = Bundle(args.directory, platforms, since)
     try:
         for result in results:
-            bundle.add(result.image, result.message, result.image.tree_repo(not args.no_trim))
+            bundle.add(result, result.image.tree_repo(not args.no_trim))
     except OSError as error:
         raise DownloadError("cannot bundle %s: %s" % (error.filename, error.strerror))
     # By tag where there is one, as an image list names it (--gc --keep reads this file).
@@ -1428,6 +1838,15 @@ def make_parser():
                            "e.g. https://127.0.0.1:5443")
     yaml.add_argument("--ca-file", default="/etc/embedded-registry/ca.crt",
                       help="CA file named in registries.yaml (default: %(default)s)")
+    carried = parser.add_mutually_exclusive_group()
+    carried.add_argument("--referrers", dest="referrers", action="store_true", default=True,
+                         help="also save what refers to each manifest saved: cosign's "
+                              "signatures, attestations and SBOMs (tags sha256-<hex>.sig, "
+                              ".att, .sbom) and OCI 1.1 referrers (the referrers API, or "
+                              "its fallback tag sha256-<hex>), recursively (the default)")
+    carried.add_argument("--no-referrers", dest="referrers", action="store_false",
+                         help="save the images only; a site that verifies signatures "
+                              "needs them")
     parser.add_argument("--from-archive", nargs="+", metavar="FILE",
                         help="import docker-archive or oci-archive files (.tar, .tar.gz, "
                              ".tar.zst), such as k3s-airgap-images-<arch>.tar, instead of "
@@ -1518,8 +1937,12 @@ def main(argv=None):
         if not args.from_archive:
             tool = find_tool(args.tool, args.insecure)
             writer = TreeWriter(args.directory)
-        results = download_all(Downloader(tool, writer, platforms, not args.no_trim, args.jobs),
-                               images)
+        finder = None
+        if args.referrers:
+            finder = tool if args.from_archive else UpstreamRegistry(tool.auth_files,
+                                                                     args.insecure)
+        downloader = Downloader(tool, writer, platforms, not args.no_trim, args.jobs, finder)
+        results = download_all(downloader, images)
         results += [Result(what, False, message, 0, 0, 0)
                     for what, message in tool.problems]
         if args.bundle:

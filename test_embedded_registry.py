@@ -29,6 +29,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+import urllib.request
 
 import pytest
 
@@ -4025,3 +4026,216 @@ def test_json_logs_carry_each_request_s_fields(fixture, tls):
     assert entry["bytes"] == len(served) and entry["seconds"] >= 0
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", entry["time"])
     assert any(e.get("status") == 404 for e in entries)
+
+
+# --- Signatures, SBOMs and charts from an upstream (cosign's tags, OCI 1.1 referrers) -----
+
+COSIGN_SIMPLESIGNING = "application/vnd.dev.cosign.simplesigning.v1+json"
+DSSE_ENVELOPE = "application/vnd.dsse.envelope.v1+json"
+SPDX = "application/spdx+json"
+COSIGN_SIG_ARTIFACT = "application/vnd.dev.cosign.artifact.sig.v1+json"
+HELM_CONFIG = "application/vnd.cncf.helm.config.v1+json"
+HELM_CHART = "application/vnd.cncf.helm.chart.content.v1.tar+gzip"
+OCI_EMPTY = "application/vnd.oci.empty.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+
+
+class Pusher:
+    """Pushes blobs and manifests to a plain-HTTP registry, as an OCI client does."""
+
+    def __init__(self, host):
+        self.base = "http://" + host
+
+    def blob(self, repo, data, media_type, annotations=None):
+        digest = sha256(data)
+        started = urllib.request.urlopen(urllib.request.Request(
+            "%s/v2/%s/blobs/uploads/" % (self.base, repo), method="POST", data=b""))
+        location = urllib.parse.urljoin(self.base, started.headers["Location"])
+        urllib.request.urlopen(urllib.request.Request(
+            location + ("&" if "?" in location else "?") + "digest=" + digest, method="PUT",
+            data=data, headers={"Content-Type": "application/octet-stream"}))
+        descriptor = {"mediaType": media_type, "digest": digest, "size": len(data)}
+        if annotations:
+            descriptor["annotations"] = annotations
+        return descriptor
+
+    def manifest(self, repo, document, tag=None):
+        body = json.dumps(document).encode()
+        urllib.request.urlopen(urllib.request.Request(
+            "%s/v2/%s/manifests/%s" % (self.base, repo, tag or sha256(body)), method="PUT",
+            data=body, headers={"Content-Type": document["mediaType"]}))
+        return {"mediaType": document["mediaType"], "digest": sha256(body), "size": len(body)}
+
+    def fallback_index(self, repo, subject, referrers):
+        """The tag sha256-<hex> listing subject's referrers, as an OCI 1.1 client writes
+        it for a registry without the referrers API."""
+        return self.manifest(repo, {"schemaVersion": 2, "mediaType": er.OCI_INDEX,
+                                    "manifests": referrers}, "sha256-" + subject["digest"][7:])
+
+
+def sign_on_upstream(push, repo, subject):
+    """What a supply chain attaches to an image: a cosign signature and attestation under
+    their tags, an SBOM with a subject (through the fallback tag), and a signature on the
+    SBOM (the same way). Returns {name: descriptor}, names and tags included."""
+    tag = "sha256-" + subject["digest"][7:]
+    config = push.blob(repo, json.dumps({"architecture": "", "os": "", "config": {}, "rootfs": {
+        "type": "layers", "diff_ids": []}}).encode(), OCI_CONFIG)
+    payload = json.dumps({"critical": {"identity": {"docker-reference": repo}, "image": {
+        "docker-manifest-digest": subject["digest"]}, "type": "cosign container image "
+        "signature"}, "optional": None}).encode()
+    found = {"signature": push.manifest(repo, {
+        "schemaVersion": 2, "mediaType": er.OCI_MANIFEST, "config": config, "layers": [
+            push.blob(repo, payload, COSIGN_SIMPLESIGNING,
+                      {"dev.cosignproject.cosign/signature": "MEUCIQD" + "x" * 40})]},
+        tag + ".sig")}
+    envelope = json.dumps({"payloadType": "application/vnd.in-toto+json", "payload": "e30=",
+                           "signatures": [{"sig": "MEQC"}]}).encode()
+    found["attestation"] = push.manifest(repo, {
+        "schemaVersion": 2, "mediaType": er.OCI_MANIFEST, "config": config, "layers": [
+            push.blob(repo, envelope, DSSE_ENVELOPE,
+                      {"predicateType": "https://slsa.dev/provenance/v0.2"})]}, tag + ".att")
+    empty = push.blob(repo, EMPTY_CONFIG, OCI_EMPTY)
+    annotations = {"org.opencontainers.image.created": "2026-11-28T00:00:00Z"}
+    found["sbom"] = push.manifest(repo, {
+        "schemaVersion": 2, "mediaType": er.OCI_MANIFEST, "artifactType": SPDX,
+        "config": empty, "layers": [push.blob(repo, b'{"spdxVersion": "SPDX-2.3"}', SPDX)],
+        "subject": subject, "annotations": annotations})
+    found["fallback"] = push.fallback_index(repo, subject, [
+        dict(found["sbom"], artifactType=SPDX, annotations=annotations)])
+    found["sbom_signature"] = push.manifest(repo, {
+        "schemaVersion": 2, "mediaType": er.OCI_MANIFEST, "artifactType": COSIGN_SIG_ARTIFACT,
+        "config": empty, "layers": [push.blob(repo, b"a signature of the SBOM",
+                                              "application/vnd.dev.sigstore.bundle.v0.3+json")],
+        "subject": found["sbom"]})
+    found["sbom_fallback"] = push.fallback_index(repo, found["sbom"], [
+        dict(found["sbom_signature"], artifactType=COSIGN_SIG_ARTIFACT)])
+    found["tags"] = {tag + ".sig": found["signature"]["digest"],
+                     tag + ".att": found["attestation"]["digest"],
+                     tag: found["fallback"]["digest"],
+                     "sha256-" + found["sbom"]["digest"][7:]: found["sbom_fallback"]["digest"]}
+    return found
+
+
+def push_chart(push, repo, tag):
+    chart = gzip.compress(b"a Helm chart's files", mtime=0)
+    config = push.blob(repo, b'{"name": "app", "version": "1.2.3", "apiVersion": "v2"}',
+                       HELM_CONFIG)
+    layer = push.blob(repo, chart, HELM_CHART, {"org.opencontainers.image.title": "app.tgz"})
+    return push.manifest(repo, {"schemaVersion": 2, "mediaType": er.OCI_MANIFEST,
+                                "config": config, "layers": [layer]}, tag), chart
+
+
+@pytest.fixture(scope="session")
+def signed_upstream(upstream, fixture):
+    """signed/app:v1, a copy of the multi-platform fixture image, signed on the upstream as
+    a supply chain signs it; and a Helm chart, charts/app:1.2.3."""
+    skopeo = need("skopeo")
+    run([skopeo, "copy", "--all", "--preserve-digests", "--src-tls-verify=false",
+         "--dest-tls-verify=false", "docker://%s/library/multi:v1" % upstream.host,
+         "docker://%s/signed/app:v1" % upstream.host])
+    body = upstream.raw("signed/app:v1", skopeo)
+    subject = {"mediaType": json.loads(body)["mediaType"], "digest": sha256(body),
+               "size": len(body)}
+    push = Pusher(upstream.host)
+    found = sign_on_upstream(push, "signed/app", subject)
+    found["image"] = subject
+    found["tags"]["v1"] = subject["digest"]
+    found["chart"], found["chart_bytes"] = push_chart(push, "charts/app", "1.2.3")
+    return found
+
+
+def referrer_digests(conn, repo, digest, query=""):
+    status, headers, body = fetch(conn, "GET", "/v2/%s/referrers/%s%s" % (repo, digest, query))
+    assert status == 200 and headers["Content-Type"] == er.OCI_INDEX, body
+    return {d["digest"]: d for d in json.loads(body)["manifests"]}, headers
+
+
+def test_download_brings_signatures_sboms_and_charts(tool, signed_upstream, upstream, tls,
+                                                     tmp_path):
+    skopeo = need("skopeo")
+    up = signed_upstream
+    extra = tmp_path / "extra.txt"
+    extra.write_text("%s/signed/app:v1\noci://%s/charts/app:1.2.3\n" % (upstream.host,
+                                                                        upstream.host))
+    root = tmp_path / "registry"
+    bundle = tmp_path / "signed.tar"
+    result = downloader(["-d", str(root), "-s", "-f", str(extra), "-p", "linux/amd64",
+                         "--insecure", "--bundle", str(bundle)] + tool["args"],
+                        path_prefix=tool["path"])
+    assert result.returncode == 0, result.stderr
+    assert "2 images: 2 ok, 0 failed" in result.stdout
+    assert "with them: 2 signatures, 1 attestation, 1 SBOM" in result.stdout
+    assert re.search(r"signed/app:v1 %s 1 platform, \d+ blobs new .*; with 2 signatures, "
+                     r"1 attestation, 1 SBOM\n" % up["image"]["digest"], result.stderr)
+    assert re.search(r"charts/app:1\.2\.3 %s chart, 2 blobs new" % up["chart"]["digest"],
+                     result.stderr)
+    tree_is_sound(str(root))
+    checked = check(root, "--deep")
+    assert checked.returncode == 0, checked.stdout
+    # Byte-exact, under the upstream's tags.
+    manifests = root / "signed" / "app" / "manifests"
+    for tag, digest in up["tags"].items():
+        assert os.readlink(str(manifests / tag)) == digest
+        assert (manifests / digest).read_bytes() == upstream.raw("signed/app@" + digest, skopeo)
+    for name in ("sbom", "sbom_signature"):
+        assert (manifests / up[name]["digest"]).is_file()
+    assert os.readlink(str(root / "charts/app/manifests/1.2.3")) == up["chart"]["digest"]
+    # The bundle carries all of it.
+    members = set(bundle_members(bundle))
+    for tag, digest in up["tags"].items():
+        assert {"registry/signed/app/manifests/" + tag,
+                "registry/signed/app/manifests/" + digest} <= members
+    assert "registry/blobs/" + sha256(up["chart_bytes"]) in members
+    # The node's registry answers what a verifier asks.
+    with serving(str(root), tls) as server:
+        conn = connect(server, tls)
+        listed, _ = referrer_digests(conn, "signed/app", up["image"]["digest"])
+        assert list(listed) == [up["sbom"]["digest"]]
+        assert listed[up["sbom"]["digest"]]["artifactType"] == SPDX
+        assert listed[up["sbom"]["digest"]]["annotations"] == {
+            "org.opencontainers.image.created": "2026-11-28T00:00:00Z"}
+        listed, _ = referrer_digests(conn, "signed/app", up["sbom"]["digest"])
+        assert list(listed) == [up["sbom_signature"]["digest"]]
+        listed, headers = referrer_digests(conn, "signed/app", up["image"]["digest"],
+                                           "?artifactType=" + urllib.parse.quote(SPDX))
+        assert list(listed) == [up["sbom"]["digest"]]
+        assert headers["OCI-Filters-Applied"] == "artifactType"
+        listed, _ = referrer_digests(conn, "signed/app", up["image"]["digest"],
+                                     "?artifactType=" + urllib.parse.quote(DSSE_ENVELOPE))
+        assert listed == {}
+        listed, _ = referrer_digests(conn, "signed/app", up["signature"]["digest"])
+        assert listed == {}
+        certs = cert_dir_for(tls)
+        for reference in ["signed/app:" + tag for tag in up["tags"]] + [
+                "signed/app@" + up[name]["digest"] for name in ("sbom", "sbom_signature")] + [
+                "charts/app:1.2.3"]:
+            served = run([skopeo, "inspect", "--raw", "--cert-dir", certs, "docker://%s/%s" % (
+                host_port(server), reference)]).stdout.encode()
+            assert served == upstream.raw(reference, skopeo), reference
+        pulled = oras_pull(server, tls, "charts/app:1.2.3", tmp_path / "chart")
+        assert pulled == {"app.tgz": up["chart_bytes"]}
+    # A second run fetches nothing new, and says what it has.
+    again = downloader(["-d", str(root), "-s", "-f", str(extra), "-p", "linux/amd64",
+                        "--insecure"] + tool["args"], path_prefix=tool["path"])
+    assert again.returncode == 0, again.stderr
+    assert "blobs 0 new" in again.stdout and "2 signatures" in again.stdout
+
+
+def oras_pull(server, tls, reference, directory):
+    """{file name: bytes} that the oras Python client (PyPI) pulls from the server."""
+    try:
+        import oras.client
+    except ImportError:
+        need("oras (pip install oras)")
+    saved = os.environ.get("REQUESTS_CA_BUNDLE")
+    os.environ["REQUESTS_CA_BUNDLE"] = tls["ca"]
+    try:
+        client = oras.client.OrasClient(hostname=host_port(server), tls_verify=True)
+        paths = client.pull(target="%s/%s" % (host_port(server), reference),
+                            outdir=str(directory))
+    finally:
+        if saved is None:
+            del os.environ["REQUESTS_CA_BUNDLE"]
+        else:
+            os.environ["REQUESTS_CA_BUNDLE"] = saved
+    return {os.path.basename(p): open(p, "rb").read() for p in paths}
