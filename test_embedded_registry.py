@@ -5,6 +5,7 @@ test. Servers run on free loopback ports (port 0). Real clients (skopeo, contain
 ctr, podman) are used where installed; with REQUIRE_REAL_CLIENTS=1 a missing one fails.
 """
 
+import base64
 import collections
 import contextlib
 import copy
@@ -4239,3 +4240,196 @@ def oras_pull(server, tls, reference, directory):
         else:
             os.environ["REQUESTS_CA_BUNDLE"] = saved
     return {os.path.basename(p): open(p, "rb").read() for p in paths}
+
+
+class ReferrersUpstream(threading.Thread):
+    """A test upstream that answers the referrers API, as no packaged registry does yet: it
+    serves the spec's answer from `listed` ({subject: [descriptor]}) and passes every other
+    request to the real upstream. With `token`, the referrers API and the tags it guards
+    ask for a bearer token, which /token gives for the Basic `credentials` only. `answer`
+    replaces the referrers answer with (status, body), as a broken upstream would."""
+
+    def __init__(self, upstream_host, listed, token=None, credentials=None, realm=None,
+                 answer=None):
+        outer = self
+        self.paths, self.authorizations = [], []
+
+        class Handler(er.http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(handler):
+                outer.paths.append(handler.path)
+                outer.authorizations.append(handler.headers.get("Authorization"))
+                guarded = "/referrers/" in handler.path or "/manifests/sha256-" in handler.path
+                if handler.path.startswith("/token?"):
+                    if credentials and handler.headers.get("Authorization") != credentials:
+                        return handler.reply(401, b"{}")
+                    return handler.reply(200, json.dumps({"token": token}).encode())
+                if token and guarded and handler.headers.get("Authorization") != \
+                        "Bearer " + token:
+                    return handler.reply(401, b"{}", {"WWW-Authenticate": (
+                        'Bearer realm="%s",service="test",scope="repository:signed/app:pull"'
+                        % (realm or "http://%s/token" % outer.host))})
+                match = re.fullmatch(r"/v2/(.+)/referrers/(sha256:[a-f0-9]{64})", handler.path)
+                if match and answer:
+                    return handler.reply(*answer)
+                if match:
+                    return handler.reply(200, json.dumps({
+                        "schemaVersion": 2, "mediaType": er.OCI_INDEX,
+                        "manifests": listed.get(match.group(2), [])}).encode(),
+                        {"Content-Type": er.OCI_INDEX})
+                handler.relay()
+
+            do_HEAD = do_GET
+
+            def relay(handler):
+                request = urllib.request.Request(
+                    "http://%s%s" % (upstream_host, handler.path), method=handler.command,
+                    headers={"Accept": ", ".join(handler.headers.get_all("Accept") or ["*/*"])})
+                try:
+                    with urllib.request.urlopen(request) as response:
+                        status, headers, body = response.status, response.headers, response.read()
+                except urllib.error.HTTPError as error:
+                    status, headers, body = error.code, error.headers, error.read()
+                handler.reply(status, body, {k: headers[k] for k in (
+                    "Content-Type", "Docker-Content-Digest") if headers.get(k)},
+                    length=headers.get("Content-Length"))
+
+            def reply(handler, status, body, headers=None, length=None):
+                handler.send_response(status)
+                for name, value in (headers or {}).items():
+                    handler.send_header(name, value)
+                handler.send_header("Content-Length", length or str(len(body)))
+                handler.end_headers()
+                if handler.command != "HEAD":
+                    handler.wfile.write(body)
+
+            def log_message(handler, *args):
+                pass
+
+        self.server = er.http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.host = "127.0.0.1:%d" % self.server.server_address[1]
+        super().__init__(target=self.server.serve_forever, daemon=True)
+        self.start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def write_auth_file(path, host, credentials):
+    """A docker / containers auth file holding one registry's 'Basic ...' credentials."""
+    path.write_text(json.dumps({"auths": {host: {"auth": credentials.split(" ", 1)[1]}}}))
+
+
+def test_download_uses_the_referrers_api_where_the_upstream_answers_it(
+        tool, signed_upstream, upstream, tmp_path):
+    up = signed_upstream
+    listed = {up["image"]["digest"]: [dict(up["sbom"], artifactType=SPDX)],
+              up["sbom"]["digest"]: [dict(up["sbom_signature"], artifactType=COSIGN_SIG_ARTIFACT)]}
+    credentials = "Basic " + base64.b64encode(b"ci:s3cret").decode()
+    proxy = ReferrersUpstream(upstream.host, listed, token="t0ken", credentials=credentials)
+    try:
+        write_auth_file(tmp_path / "config.json", proxy.host, credentials)
+        extra = tmp_path / "extra.txt"
+        extra.write_text("%s/signed/app:v1\n" % proxy.host)
+        root = tmp_path / "registry"
+        result = downloader(["-d", str(root), "-s", "-f", str(extra), "-p", "linux/amd64",
+                             "--insecure"] + tool["args"], path_prefix=tool["path"],
+                            env_extra={"DOCKER_CONFIG": str(tmp_path),
+                                       "REGISTRY_AUTH_FILE": str(tmp_path / "config.json")})
+    finally:
+        proxy.stop()
+    assert result.returncode == 0, result.stderr
+    assert "with them: 2 signatures, 1 attestation, 1 SBOM" in result.stdout
+    manifests = root / "signed" / "app" / "manifests"
+    for name in ("sbom", "sbom_signature", "signature", "attestation"):
+        assert (manifests / up[name]["digest"]).is_file(), name
+    # The API was asked, each fallback tag was not; the token was earned with the
+    # credentials of the tool's own auth file, and then carried.
+    fallback_tags = {"/v2/signed/app/manifests/sha256-" + up[name]["digest"][7:]
+                     for name in ("image", "sbom")}
+    assert not fallback_tags & set(proxy.paths)
+    assert not (manifests / ("sha256-" + up["image"]["digest"][7:])).exists()
+    assert "/v2/signed/app/referrers/" + up["image"]["digest"] in proxy.paths
+    asked = dict(zip(proxy.paths, proxy.authorizations))
+    assert asked["/v2/signed/app/referrers/" + up["sbom"]["digest"]] == "Bearer t0ken"
+    assert any(path.startswith("/token?") for path in proxy.paths)
+    tree_is_sound(str(root))
+
+
+HOSTILE_REFERRERS = {
+    "a 500": (dict(answer=(500, b"oops")), "the upstream answered 500"),
+    "not an object": (dict(answer=(200, b"[1]")), "is a list, not a JSON object"),
+    "a path as a digest": (dict(answer=(200, json.dumps({
+        "schemaVersion": 2, "mediaType": er.OCI_INDEX,
+        "manifests": [{"digest": "../../../etc/passwd", "size": 1}]}).encode())),
+        "manifests[0].digest is '../../../etc/passwd', not sha256:"),
+    "a manifest for an index": (dict(answer=(200, json.dumps({
+        "schemaVersion": 2, "mediaType": er.OCI_MANIFEST, "config": {
+            "digest": "sha256:" + "0" * 64, "size": 2}, "layers": []}).encode())),
+        "answered with a manifest, not an index"),
+    "too big": (dict(answer=(200, b" " * (dsi.MAX_MANIFEST_BYTES + 1))), "the answer is over"),
+    "a file realm": (dict(token="t", realm="file:///etc/passwd"),
+                     "token realm 'file:///etc/passwd' is not an HTTP URL"),
+    "a header in the token": (dict(token="t\r\nX-Injected: 1"), "is not a token"),
+    "credentials refused": (dict(token="t", credentials="Basic bm90OnRoZXNl"),
+                            "token service answered 401"),
+}
+
+
+@pytest.mark.parametrize("trouble", sorted(HOSTILE_REFERRERS))
+def test_a_hostile_upstream_s_referrers_fail_that_image_only(trouble, signed_upstream, upstream,
+                                                              crane_double, tmp_path):
+    up = signed_upstream
+    options, expected = HOSTILE_REFERRERS[trouble]
+    proxy = ReferrersUpstream(upstream.host, {}, **options)
+    try:
+        extra = tmp_path / "extra.txt"
+        extra.write_text("%s/signed/app:v1\n%s/library/multi:v1\n" % (proxy.host, upstream.host))
+        root = tmp_path / "registry"
+        result = downloader(["-d", str(root), "-s", "-f", str(extra), "--insecure", "--tool",
+                             "crane"], path_prefix=crane_double,
+                            env_extra={"DOCKER_CONFIG": str(tmp_path)})
+    finally:
+        proxy.stop()
+    assert result.returncode == 1
+    assert "2 images: 1 ok, 1 failed" in result.stderr
+    failed = [line for line in result.stderr.splitlines() if "FAILED" in line]
+    assert len(failed) == 1 and "signed/app:v1" in failed[0] and expected in failed[0], failed
+    assert "X-Injected" not in "".join(proxy.paths)
+    tree_is_sound(str(root))
+    assert check(root, "--deep").returncode == 0  # the image itself is whole
+    assert not (root / "signed" / "app" / "manifests" / up["sbom"]["digest"]).exists()
+
+
+def test_a_listed_referrer_that_names_another_subject_is_left_out(signed_upstream, upstream,
+                                                                  crane_double, tmp_path):
+    up = signed_upstream
+    proxy = ReferrersUpstream(upstream.host, {up["image"]["digest"]: [up["sbom_signature"]]})
+    try:
+        extra = tmp_path / "extra.txt"
+        extra.write_text("%s/signed/app:v1\n" % proxy.host)
+        root = tmp_path / "registry"
+        result = downloader(["-d", str(root), "-s", "-f", str(extra), "--insecure", "--tool",
+                             "crane"], path_prefix=crane_double)
+    finally:
+        proxy.stop()
+    assert result.returncode == 0, result.stderr
+    assert "%s is listed as a referrer of %s but does not name it as its subject; left out" % (
+        up["sbom_signature"]["digest"], up["image"]["digest"]) in result.stderr
+    assert not (root / "signed/app/manifests" / up["sbom_signature"]["digest"]).exists()
+    assert "with them: 1 signature, 1 attestation\n" in result.stdout
+
+
+def test_no_referrers_saves_the_images_only(signed_upstream, upstream, fixture, crane_double,
+                                            tmp_path):
+    extra = tmp_path / "extra.txt"
+    extra.write_text("%s/signed/app:v1\n" % upstream.host)
+    root = tmp_path / "registry"
+    result = downloader(["-d", str(root), "-s", "-f", str(extra), "--insecure", "--tool", "crane",
+                         "--no-referrers"], path_prefix=crane_double)
+    assert result.returncode == 0, result.stderr
+    assert "with them" not in result.stdout
+    assert sorted(os.listdir(str(root / "signed/app/manifests"))) == sorted(
+        ["v1", signed_upstream["image"]["digest"], fixture.images["library/multi:v1"][2][0]])
