@@ -454,6 +454,8 @@ def parse_kept_image(text, where):
     """A line of an image list (the downloader's -f format) as what --gc must keep: the
     tree repositories it may live in (the registry host trimmed, as by default, or kept,
     as with -n), and its tag or digest. ValueError says what is wrong with the line."""
+    if text.startswith("oci://"):  # a Helm chart's reference, as Helm writes it
+        text = text[len("oci://"):]
     name, _, digest = text.partition("@")
     if digest and not is_valid_digest(digest):
         raise ValueError("invalid digest %r" % digest)

@@ -2094,6 +2094,9 @@ def k3s_like_upstream(tmp_path_factory, tls):
                 registry.push("docker://%s/%s:%s" % (host_port(server), repo, tag),
                               "%s:%s" % (repo, tag), skopeo, cert_dir_for(tls))
         registry.pinned = pinned
+        body = registry.raw("myorg/app:1.0", skopeo)
+        registry.signed = sign_on_upstream(Pusher(registry.host), "myorg/app", {
+            "mediaType": er.OCI_MANIFEST, "digest": sha256(body), "size": len(body)})
         yield registry
     finally:
         registry.stop()
@@ -2121,6 +2124,7 @@ def test_air_gap_journey(k3s_like_upstream, tls, containerd, tmp_path, capsys):
                            "--ca-file", str(ca_on_node)], cwd=str(internet))
     assert download.returncode == 0, download.stderr
     assert "10 images: 10 ok, 0 failed" in download.stdout
+    assert "with them: 2 signatures, 1 attestation, 1 SBOM" in download.stdout
     # 2. Carry: one tarball, extracted elsewhere.
     run(["tar", "-zcf", "registry.tar.gz", "registry"], cwd=str(internet))
     server_dir = node / "var/lib/rancher/k3s/server"
@@ -2153,6 +2157,18 @@ def test_air_gap_journey(k3s_like_upstream, tls, containerd, tmp_path, capsys):
             containerd("images", "pull", "--hosts-dir", containerd.hosts_dir,
                        "--snapshotter", "native", "--platform", "linux/amd64", ref)
         pull_seconds = time.monotonic() - started
+        # What a verifier asks the node for the signed image: its cosign signature by tag,
+        # and its SBOM (and the SBOM's signature) through the referrers API.
+        signed = k3s_like_upstream.signed
+        app = expected["docker.io/myorg/app:1.0"]
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=30,
+                                           context=ssl.create_default_context(
+                                               cafile=str(ca_on_node)))
+        status, _, body = fetch(conn, "GET", "/v2/myorg/app/manifests/sha256-%s.sig" % app[7:])
+        assert status == 200 and sha256(body) == signed["signature"]["digest"]
+        assert list(referrer_digests(conn, "myorg/app", app)[0]) == [signed["sbom"]["digest"]]
+        assert list(referrer_digests(conn, "myorg/app", signed["sbom"]["digest"])[0]) == [
+            signed["sbom_signature"]["digest"]]
     assert ctr_image_digests(containerd) == expected
     first_log = log_path.read_text()
     statuses = re.findall(r" (?:GET|HEAD) /v2/\S* (\d{3}) \d+ ", first_log)
@@ -2176,7 +2192,7 @@ def test_air_gap_journey(k3s_like_upstream, tls, containerd, tmp_path, capsys):
         k3s_like_upstream.raw("myorg/late:0.1", skopeo))
     with capsys.disabled():
         print("\n[journey] %s\n[journey] %s\n[journey] %d images pulled by containerd in %.1fs"
-              % (download.stdout.strip().splitlines()[-1], checked.stdout.strip(),
+              % ("; ".join(download.stdout.strip().splitlines()), checked.stdout.strip(),
                  len(expected), pull_seconds))
 
 
@@ -4220,6 +4236,15 @@ def test_download_brings_signatures_sboms_and_charts(tool, signed_upstream, upst
                         "--insecure"] + tool["args"], path_prefix=tool["path"])
     assert again.returncode == 0, again.stderr
     assert "blobs 0 new" in again.stdout and "2 signatures" in again.stdout
+    # A differential bundle against the tree itself carries nothing; --gc keeping the same
+    # list removes nothing, referrers and fallback tags included.
+    again = downloader(["-d", str(root), "-s", "-f", str(extra), "-p", "linux/amd64",
+                        "--insecure", "--bundle", str(tmp_path / "none.tar"), "--since",
+                        str(root)] + tool["args"], path_prefix=tool["path"])
+    assert again.returncode == 0, again.stderr
+    assert not [m for m in bundle_members(tmp_path / "none.tar") if "sha256:" in m]
+    report = json.loads(gc(root, "--keep", str(extra), "--json").stdout)
+    assert report["removed"] == [] and not report["warnings"], report
 
 
 def oras_pull(server, tls, reference, directory):
@@ -4433,3 +4458,47 @@ def test_no_referrers_saves_the_images_only(signed_upstream, upstream, fixture, 
     assert "with them" not in result.stdout
     assert sorted(os.listdir(str(root / "signed/app/manifests"))) == sorted(
         ["v1", signed_upstream["image"]["digest"], fixture.images["library/multi:v1"][2][0]])
+
+
+def oci_archive_of(builder, repo, path, entries):
+    """An oci-archive of every blob and manifest of builder's repo, whose index.json lists
+    entries: [(digest, image name or None)]."""
+    members = {"oci-layout": b'{"imageLayoutVersion": "1.0.0"}'}
+    for store in ("blobs", repo + "/manifests"):
+        for name in os.listdir(os.path.join(builder.root, store)):
+            full = os.path.join(builder.root, store, name)
+            if name.startswith("sha256:") and not os.path.islink(full):
+                members["blobs/sha256/" + name[7:]] = open(full, "rb").read()
+    listed = []
+    for digest, name in entries:
+        entry = {"mediaType": er.OCI_MANIFEST, "digest": digest,
+                 "size": len(members["blobs/sha256/" + digest[7:]])}
+        if name:
+            entry["annotations"] = {"io.containerd.image.name": name}
+        listed.append(entry)
+    members["index.json"] = json.dumps({"schemaVersion": 2, "manifests": listed}).encode()
+    return tar_of(path, members)
+
+
+def test_an_oci_archive_keeps_its_referrers(tmp_path, capsys):
+    builder = TreeBuilder(tmp_path / "staging")
+    _, image = builder.image("rancher/app", "amd64", tag="1")
+    sbom, _ = attach(builder, "rancher/app", image, artifact_type=SPDX)
+    signature, _ = attach(builder, "rancher/app", sbom, artifact_type=COSIGN_SIG_ARTIFACT)
+    _, unnamed = builder.image("rancher/app", "amd64", extra=b"no name, no subject")
+    # The SBOM is listed in index.json without a name; its signature is only a blob.
+    archive = oci_archive_of(builder, "rancher/app", tmp_path / "app.tar", [
+        (image, "docker.io/rancher/app:1"), (sbom, None), (unnamed, None)])
+    tree = tmp_path / "tree"
+    assert dsi.main(["--from-archive", archive, "-d", str(tree)]) == 1
+    out, err = capsys.readouterr()
+    assert "with them: 1 signature, 1 SBOM" in err
+    assert "2 images: 1 ok, 1 failed" in err and "entry 3: no image name" in err
+    assert check(tree, "--deep").returncode == 0
+    with serving(str(tree)) as server:
+        conn = connect(server)
+        assert list(referrer_digests(conn, "rancher/app", image)[0]) == [sbom]
+        assert list(referrer_digests(conn, "rancher/app", sbom)[0]) == [signature]
+    assert dsi.main(["--from-archive", archive, "-d", str(tmp_path / "bare"),
+                     "--no-referrers"]) == 1
+    assert not (tmp_path / "bare" / "rancher/app/manifests" / sbom).exists()
