@@ -25,6 +25,12 @@ index digest works offline. Every file is written under a temporary name and ren
 into place only after its digest is verified: an interrupted run leaves no partial
 file, and running it again completes the tree.
 
+Whatever refers to each manifest saved comes along, unless --no-referrers: cosign's
+signatures, attestations and SBOMs (tags sha256-<hex>.sig, .att, .sbom) and OCI 1.1
+referrers (the upstream's referrers API, or its fallback tag sha256-<hex>), and what
+refers to those in turn. A list line may also name a Helm chart or any other OCI
+artifact (oci://ghcr.io/org/charts/app:1.2.3), which is kept whatever its platform.
+
 The downloads are done by crane (go-containerregistry) or skopeo, whichever is on
 PATH (--tool picks one). Without either, and without internet, --from-archive builds
 the same tree from docker-archive or oci-archive files such as the k3s airgap tarballs:
@@ -135,6 +141,7 @@ MAX_REFERRERS = 1000
 # A registry without the referrers API answers one of these (the spec says 404).
 NO_REFERRERS_API = (400, 404, 405, 501)
 REGISTRY_TIMEOUT = 60
+NO_REFERRERS_HINT = " (--no-referrers saves the images without what refers to them)"
 # Docker Hub's API host, and the keys its credentials are stored under.
 DOCKER_HUB_API = "registry-1.docker.io"
 DOCKER_HUB_AUTH_KEYS = ("https://index.docker.io/v1/", "index.docker.io", "docker.io",
@@ -642,7 +649,8 @@ class UpstreamRegistry:
         if status in NO_REFERRERS_API:
             return None
         if status != 200:
-            raise DownloadError("%s: the upstream answered %d" % (what, status))
+            raise DownloadError("%s: the upstream answered %d%s"
+                                % (what, status, NO_REFERRERS_HINT))
         index = check_document(parse_json(body, what), what)
         if manifest_kind(index) != "index":
             raise DownloadError("%s: the upstream answered with a manifest, not an index" % what)
@@ -654,7 +662,8 @@ class UpstreamRegistry:
         if status == 404:
             return None
         if status != 200:
-            raise DownloadError("%s:%s: the upstream answered %d" % (image.repo, tag, status))
+            raise DownloadError("%s:%s: the upstream answered %d%s" % (image.repo, tag, status,
+                                                                     NO_REFERRERS_HINT))
         return body
 
     def _get(self, image, path, accept):
@@ -1798,6 +1807,8 @@ def make_parser():
                "  python3 download_system_images.py -f extra-images.txt -p linux/arm64\n"
                "  python3 download_system_images.py -v v1.31.4+k3s1 -p linux/amd64,linux/arm64\n"
                "  python3 download_system_images.py -s -f my-images.txt --dry-run\n"
+               "  echo oci://ghcr.io/org/charts/app:1.2.3 > charts.txt\n"
+               "  python3 download_system_images.py -s -f charts.txt\n"
                "\nenvironment:\n"
                "  %s, %s  override the channel and release base URLs\n"
                % (CHANNEL_URL_ENV, RELEASE_URL_ENV))
