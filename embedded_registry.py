@@ -44,6 +44,9 @@ directory is listed. Signal handlers only record; the serving loop acts.
 """
 
 import argparse
+import base64
+import bisect
+import calendar
 import collections
 import contextlib
 import errno
@@ -52,6 +55,7 @@ import http.client
 import http.server
 import io
 import ipaddress
+import itertools
 import json
 import logging
 import mmap
@@ -139,6 +143,20 @@ ROUTES = [
     ("blob", re.compile(r"/v2/(?P<name>.+)/blobs/(?P<reference>[^/]+)")),
     ("referrers", re.compile(r"/v2/(?P<name>.+)/referrers/(?P<reference>[^/]+)")),
 ]
+# Prometheus metrics (--metrics-listen): the label values a series may take, fixed so
+# that every worker's counters have the same place in one shared table.
+METRIC_ROUTES = ("base", "manifest", "blob", "tags", "catalog", "referrers", "other")
+METRIC_METHODS = ("GET", "HEAD", "other")
+METRIC_CODES = ("200", "206", "304", "400", "401", "403", "404", "405", "408", "413", "414",
+                "416", "431", "500", "503", "other")
+# From a 1 ms manifest to a 30 s blob, and past it.
+DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                    2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+HANDSHAKE_FAILURES = ("timeout", "closed", "protocol", "certificate")
+TIMEOUT_KINDS = ("handshake", "header", "idle", "send")
+PEM_CERTIFICATE_RE = re.compile(
+    rb"-----BEGIN CERTIFICATE-----([A-Za-z0-9+/=\s]+)-----END CERTIFICATE-----")
+
 # Tags that name the manifest they belong to: the OCI 1.1 referrers fallback tag
 # (sha256-<hex>) and cosign's signature, attestation and SBOM tags.
 ARTIFACT_TAG_RE = re.compile(r"(sha256)-([a-f0-9]{64})(?:\.(?:sig|att|sbom))?")
@@ -519,6 +537,76 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+def der_items(data, start, end):
+    """(tag, content start, content end) of each DER element in data[start:end]."""
+    while start < end:
+        tag, length, start = data[start], data[start + 1], start + 2
+        if length & 0x80:
+            count = length & 0x7F
+            length, start = int.from_bytes(data[start:start + count], "big"), start + count
+        if start + length > end:
+            raise ValueError("a DER element runs past its container")
+        yield tag, start, start + length
+        start += length
+
+
+def certificate_not_after(pem):
+    """The notAfter of the first certificate in PEM bytes, in seconds since the epoch;
+    ValueError if there is none to read. (The ssl module decodes only peers' certificates.)"""
+    match = PEM_CERTIFICATE_RE.search(pem)
+    if not match:
+        raise ValueError("no PEM certificate")
+    try:
+        der = base64.b64decode(b"".join(match.group(1).split()), validate=True)
+        _, start, end = next(der_items(der, 0, len(der)))  # Certificate
+        _, start, end = next(der_items(der, start, end))  # TBSCertificate
+        fields = list(der_items(der, start, end))
+        if fields[0][0] == 0xA0:  # [0] version
+            fields = fields[1:]
+        _, start, end = fields[3]  # serial, signature, issuer, validity
+        (_, _, _), (tag, start, end) = list(der_items(der, start, end))[:2]
+        text = der[start:end].decode("ascii")
+        if tag == 0x17:  # UTCTime: YYMMDDHHMMSSZ, years 1950-2049
+            year = int(text[:2])
+            text = str(1900 + year if year >= 50 else 2000 + year) + text[2:]
+        when = time.strptime(text, "%Y%m%d%H%M%SZ")
+    except (StopIteration, IndexError, ValueError, UnicodeDecodeError) as error:
+        raise ValueError("cannot read the certificate's notAfter: %s" % error)
+    return calendar.timegm(when)
+
+
+def metric_value(value):
+    return "%d" % value if value == int(value) else repr(value)
+
+
+def handshake_failure(error):
+    """The reason label of a failed TLS handshake's error."""
+    if isinstance(error, socket.timeout):
+        return "timeout"
+    if isinstance(error, (ssl.SSLEOFError, ssl.SSLZeroReturnError)) or not isinstance(
+            error, ssl.SSLError):
+        return "closed"
+    return "certificate" if "CERTIFICATE" in str(error.reason).upper() else "protocol"
+
+
+def label_value(value):
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def exposition(families):
+    """The Prometheus text format (0.0.4) of [(name, type, help, samples)], where each
+    sample is (name suffix, ((label, value), ...), value): a histogram's _bucket, _sum
+    and _count are samples of its family."""
+    lines = []
+    for name, kind, text, samples in families:
+        lines += ["# HELP %s %s" % (name, text), "# TYPE %s %s" % (name, kind)]
+        for suffix, labels, value in samples:
+            shown = ",".join('%s="%s"' % (key, label_value(val)) for key, val in labels)
+            lines.append("%s%s%s %s" % (name, suffix, "{%s}" % shown if shown else "",
+                                        metric_value(value)))
+    return ("\n".join(lines) + "\n").encode()
+
+
 def escape_for_log(text, limit=400):
     """Control characters escaped and absurd lengths cut, so a log line stays one line."""
     text = text.encode("unicode_escape", "backslashreplace").decode("ascii")
@@ -765,6 +853,7 @@ class Tree:
         self._blob_verdicts = SharedVerdicts()
         self._told = IdentityCache(cache_size)  # what was logged of which file
         self._referrers = IdentityCache(256)  # manifests folder -> {subject: [descriptor]}
+        self.metrics = NoMetrics()  # counts verdicts and refusals for --metrics-listen
 
     def contains(self, real_path):
         return lies_within(self.root, real_path)
@@ -873,6 +962,7 @@ class Tree:
         except NotRegularFile:
             self.warn_once(("irregular", real), None, logging.ERROR,
                            "manifest %s is not a regular file; not served", real)
+            self.metrics.add(("manifests_refused",))
             return None
         except OSError:
             return None
@@ -881,8 +971,7 @@ class Tree:
         self._manifests.put(real, stat_identity(st), manifest)
         return manifest
 
-    @staticmethod
-    def _read_manifest(f, real):
+    def _read_manifest(self, f, real):
         try:
             return parse_manifest(f.read(MAX_MANIFEST_BYTES + 1), real)[0]
         except OSError as error:
@@ -890,6 +979,7 @@ class Tree:
         except ManifestProblem as error:
             problem = str(error)
         log.error("manifest %s %s; not served", real, problem)  # once: the result is cached
+        self.metrics.add(("manifests_refused",))
         return None
 
     def open_blob(self, name, digest, ns=None):
@@ -919,6 +1009,7 @@ class Tree:
         """Remember whether blob hashed to its name; a corrupt one is not served again."""
         sound = actual_digest == blob.digest
         self._blob_verdicts.put(blob.digest, blob.path, blob.identity, sound)
+        self.metrics.add(("verifications", "sound" if sound else "corrupt"))
         if not sound:
             self.warn_once(("corrupt", blob.path, blob.digest), blob.identity, logging.ERROR,
                            "blob %s hashes to %s, not to %s: corrupt, no longer served",
@@ -1530,6 +1621,7 @@ class DeadlineReader(io.RawIOBase):
     def __init__(self, sock):
         self.sock = sock
         self.deadline = None
+        self.timed_out = False  # the last deadline passed: a header timeout
 
     def readable(self):
         return True
@@ -1538,6 +1630,7 @@ class DeadlineReader(io.RawIOBase):
         if self.deadline is not None:
             left = self.deadline - time.monotonic()
             if left <= 0:
+                self.timed_out = True
                 raise socket.timeout("request headers not complete in time")
             self.sock.settimeout(left)
         return self.sock.recv_into(buffer)
@@ -1599,14 +1692,25 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
             if not self.rfile.peek(1):
                 self.close_connection = True
                 return
-        except (socket.timeout, OSError):
+        except socket.timeout:
             self.close_connection = True  # idle too long: a normal end, not worth a log line
+            self.server.metrics.add(("timeouts", "idle" if self.requests else "header"))
+            return
+        except OSError:
+            self.close_connection = True
             return
         finally:
             self.slot.waiting = False
         self.requests += 1
         self.reader.deadline = time.monotonic() + self.server.header_timeout
+        self.route_kind, self.observed = "other", False
+        self.response_status = self.response_bytes = 0
         super().handle_one_request()
+        if self.reader.timed_out:
+            self.server.metrics.add(("timeouts", "header"))
+        elif self.response_status and not self.observed:  # refused before any route
+            self.server.metrics.observe_request("other", self.command or "other",
+                                                self.response_status, 0.0, 0)
 
     def parse_request(self):
         self.rfile.head_left = MAX_REQUEST_HEAD - len(self.raw_requestline)
@@ -1649,6 +1753,7 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
     def send_head(self):
         try:
             route = parse_route(self.path)
+            self.route_kind = route.kind
             return getattr(self, "serve_" + route.kind)(route)
         except RegistryError as error:
             return self.send_oci_error(error)
@@ -1790,6 +1895,9 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
         self.response_status = self.response_bytes = 0
         try:
             method()
+        except socket.timeout:  # (TimeoutError since Python 3.10)
+            self.server.metrics.add(("timeouts", "send"))
+            raise  # the base class logs it and closes the connection
         except (ConnectionError, TimeoutError, ssl.SSLError):
             raise  # the client is gone: the server logs the closed connection
         except Exception as error:
@@ -1805,6 +1913,10 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
                          "path": self.path, "ns": ns_of(self.path),
                          "status": self.response_status, "bytes": self.response_bytes,
                          "seconds": round(seconds, 6)}})
+            self.observed = True
+            self.server.metrics.observe_request(self.route_kind, self.command,
+                                                self.response_status or 500, seconds,
+                                                self.response_bytes)
 
     def answer_failure(self, error):
         """A fault of ours while answering: a 500 if no answer has begun, one log line
@@ -1855,7 +1967,8 @@ class RegistryServer(http.server.ThreadingHTTPServer):
 
     def __init__(self, address, tree, tls=None, *, max_connections=1024,
                  handshake_timeout=10.0, header_timeout=10.0, idle_timeout=60.0,
-                 send_timeout=60.0, verify_always=False, handler_class=RegistryHandler):
+                 send_timeout=60.0, verify_always=False, handler_class=RegistryHandler,
+                 metrics=None):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.tree = tree
         self.tls = tls
@@ -1865,6 +1978,8 @@ class RegistryServer(http.server.ThreadingHTTPServer):
         self.idle_timeout = idle_timeout
         self.send_timeout = send_timeout
         self.verify_always = verify_always
+        self.metrics = metrics or NoMetrics()
+        self.metrics_server = None  # the --metrics-listen server, if any
         self.stopping = False  # shutdown() was asked for: no new slot, no more keep-alive
         self._slots = set()
         self._slots_changed = threading.Condition()
@@ -1902,7 +2017,9 @@ class RegistryServer(http.server.ThreadingHTTPServer):
                 self._slots_changed.wait(0.05)
             slot = Slot(request)
             self._slots.add(slot)
-            return slot
+        self.metrics.add(("connections_total",))
+        self.metrics.add(("connections_open",))
+        return slot
 
     def _make_room(self):
         """Close the oldest connection that waits for a first byte; with none waiting,
@@ -1927,6 +2044,7 @@ class RegistryServer(http.server.ThreadingHTTPServer):
             with self._slots_changed:
                 self._slots.discard(slot)
                 self._slots_changed.notify_all()
+            self.metrics.add(("connections_open",), -1)
 
     def finish_request(self, request, client_address, slot):
         """Runs in the connection's own thread, so a slow TLS handshake stalls no one else."""
@@ -1943,6 +2061,9 @@ class RegistryServer(http.server.ThreadingHTTPServer):
         except (OSError, ValueError) as error:
             if not slot.closed:
                 log.info("%s TLS handshake failed: %s", client_address[0], error)
+                self.metrics.add(("handshake_failures", handshake_failure(error)))
+                if isinstance(error, socket.timeout):
+                    self.metrics.add(("timeouts", "handshake"))
             return
         try:
             self.RequestHandlerClass(tls, client_address, self, directory=self.tree.root,
@@ -1975,11 +2096,231 @@ class RegistryServer(http.server.ThreadingHTTPServer):
 
     def handle_error(self, request, client_address):
         error = sys.exc_info()[1]
-        if isinstance(error, (ConnectionError, TimeoutError, ssl.SSLError)):
+        if isinstance(error, (ConnectionError, TimeoutError, socket.timeout, ssl.SSLError)):
             log.info("%s connection closed: %s", client_address[0], error)
         else:
             log.error("%s request failed: %r", client_address[0], error,
                       exc_info=log.isEnabledFor(logging.DEBUG))
+
+
+# --- Metrics (--metrics-listen): counters shared by the workers, served to Prometheus ----
+
+class NoMetrics:
+    """Without --metrics-listen: counting is one empty call."""
+
+    def add(self, key, amount=1):
+        pass
+
+    def observe_request(self, route, method, code, seconds, sent):
+        pass
+
+
+class Metrics(NoMetrics):
+    """The server's counters, every --workers process included.
+
+    One anonymous shared mapping, made before the workers fork, holds a row of numbers
+    for each process. A process adds to its own row only, under a lock of its own (its
+    threads share the row), and a scrape, answered by whichever process accepts it, sums
+    the rows. A worker that replaces another takes over its row, so counters never go
+    back. Every series has its place in the row from the start: the label values are
+    the fixed sets METRIC_ROUTES, METRIC_METHODS, METRIC_CODES and the like.
+    """
+
+    def __init__(self, processes=1):
+        keys = [("requests", route, method, code) for route in METRIC_ROUTES
+                for method in METRIC_METHODS for code in METRIC_CODES]
+        for route in METRIC_ROUTES:
+            keys += [("duration_bucket", route, n) for n in range(len(DURATION_BUCKETS) + 1)]
+            keys += [("duration_sum", route), ("bytes", route)]
+        keys += [("handshake_failures", reason) for reason in HANDSHAKE_FAILURES]
+        keys += [("timeouts", kind) for kind in TIMEOUT_KINDS]
+        keys += [("verifications", "sound"), ("verifications", "corrupt"),
+                 ("manifests_refused",), ("tls_reloads", "success"), ("tls_reloads", "failure"),
+                 ("connections_open",), ("connections_total",), ("pid",)]
+        self._index = {key: n for n, key in enumerate(keys)}
+        self._width, self._rows = len(keys), processes
+        self._table = mmap.mmap(-1, processes * len(keys) * 8)
+        self._values = memoryview(self._table).cast("d")
+        self._base = 0
+        self._lock = threading.Lock()
+        self.started = time.time()
+        self.supervisor = None  # the --workers parent, whose process figures count too
+        self.tls = None  # the TlsCredentials whose certificate's expiry is shown
+        self.take_row(0)
+
+    def take_row(self, row):
+        """Count in row from now on: a worker just forked, perhaps in a dead one's place,
+        whose open connections ended with it."""
+        self._base = row * self._width
+        self._lock = threading.Lock()  # one copied across a fork may have been held
+        self._values[self._base + self._index["connections_open", ]] = 0
+        self._values[self._base + self._index["pid", ]] = os.getpid()
+
+    def add(self, key, amount=1):
+        with self._lock:
+            self._values[self._base + self._index[key]] += amount
+
+    def observe_request(self, route, method, code, seconds, sent):
+        code = str(int(code))
+        index, base = self._index, self._base
+        bucket = bisect.bisect_left(DURATION_BUCKETS, seconds)  # the first le >= seconds
+        requests = index["requests", route, method if method in METRIC_METHODS else "other",
+                         code if code in METRIC_CODES else "other"]
+        with self._lock:
+            self._values[base + requests] += 1
+            self._values[base + index["duration_bucket", route, bucket]] += 1
+            self._values[base + index["duration_sum", route]] += seconds
+            self._values[base + index["bytes", route]] += sent
+
+    def _totals(self):
+        """{key: the sum over every process's row}."""
+        values = self._values.tolist()
+        return {key: sum(values[row * self._width + n] for row in range(self._rows))
+                for key, n in self._index.items()}
+
+    def _pids(self):
+        rows = self._values.tolist()[self._index["pid", ]::self._width]
+        return [int(pid) for pid in rows if pid] + ([self.supervisor] if self.supervisor else [])
+
+    def scrape(self):
+        """The exposition of every metric, as of now."""
+        totals = self._totals()
+
+        def by(family, label, values, skip_zero=False):
+            return [("", ((label, value),), totals[family, value]) for value in values
+                    if totals[family, value] or not skip_zero]
+
+        requests = [("", (("route", r), ("method", m), ("code", c)), totals["requests", r, m, c])
+                    for r in METRIC_ROUTES for m in METRIC_METHODS for c in METRIC_CODES
+                    if totals["requests", r, m, c]]
+        families = [
+            ("embedded_registry_http_requests_total", "counter",
+             "Requests answered, by route, method and status code.", requests),
+            ("embedded_registry_http_request_duration_seconds", "histogram",
+             "Time from a request's first line to its last byte sent, by route.",
+             self._histogram(totals)),
+            ("embedded_registry_http_response_bytes_total", "counter",
+             "Bytes of response bodies sent, by route.", by("bytes", "route", METRIC_ROUTES)),
+            ("embedded_registry_connections_open", "gauge", "Client connections open now.",
+             [("", (), totals["connections_open", ])]),
+            ("embedded_registry_connections_total", "counter", "Client connections accepted.",
+             [("", (), totals["connections_total", ])]),
+            ("embedded_registry_tls_handshake_failures_total", "counter",
+             "TLS handshakes that failed, by reason.",
+             by("handshake_failures", "reason", HANDSHAKE_FAILURES)),
+            ("embedded_registry_timeouts_total", "counter",
+             "Connections ended by a timeout, by kind.", by("timeouts", "kind", TIMEOUT_KINDS)),
+            ("embedded_registry_blob_verifications_total", "counter",
+             "Blobs hashed while being sent, by result.",
+             by("verifications", "result", ("sound", "corrupt"))),
+            ("embedded_registry_manifests_refused_total", "counter",
+             "Manifest files refused (damaged, unreadable, not regular files).",
+             [("", (), totals["manifests_refused", ])]),
+            ("embedded_registry_build_info", "gauge", "The server's version and Python's.",
+             [("", (("version", __version__), ("python", "%d.%d.%d" % sys.version_info[:3])),
+               1)]),
+        ]
+        if self.tls:
+            families += [
+                ("embedded_registry_tls_certificate_expiry_timestamp_seconds", "gauge",
+                 "The notAfter of the certificate in use, in seconds since the epoch.",
+                 [("", (), self.tls.not_after)] if self.tls.not_after else []),
+                ("embedded_registry_tls_reloads_total", "counter",
+                 "Certificate reloads, by result, as the busiest process counted them.",
+                 [("", (("result", result),), max(self._values[
+                     row * self._width + self._index["tls_reloads", result]]
+                     for row in range(self._rows))) for result in ("success", "failure")]),
+            ]
+        return exposition(families + self._process_families())
+
+    def _histogram(self, totals):
+        samples = []
+        for route in METRIC_ROUTES:
+            counts = [totals["duration_bucket", route, n] for n in range(len(DURATION_BUCKETS) + 1)]
+            if not sum(counts):
+                continue
+            for le, cumulative in zip(DURATION_BUCKETS + ("+Inf",), itertools.accumulate(counts)):
+                samples.append(("_bucket", (("route", route), ("le", str(le))), cumulative))
+            samples += [("_sum", (("route", route),), totals["duration_sum", route]),
+                        ("_count", (("route", route),), sum(counts))]
+        return samples
+
+    def _process_families(self):
+        """The standard process_* metrics, summed over the server's processes."""
+        figures = [f for f in map(process_figures, self._pids()) if f]
+        soft_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        families = [("process_max_fds", "gauge", "Open file descriptors allowed.",
+                     [("", (), soft_limit)]),
+                    ("process_start_time_seconds", "gauge",
+                     "When the server started, in seconds since the epoch.",
+                     [("", (), self.started)])]
+        if figures:
+            cpu, resident, fds = (sum(column) for column in zip(*figures))
+            families += [
+                ("process_cpu_seconds_total", "counter", "User and system CPU time spent.",
+                 [("", (), cpu)]),
+                ("process_resident_memory_bytes", "gauge", "Resident memory.",
+                 [("", (), resident)]),
+                ("process_open_fds", "gauge", "Open file descriptors.", [("", (), fds)])]
+        return families
+
+
+def process_figures(pid):
+    """(CPU seconds, resident bytes, open descriptors) of a process, read from /proc;
+    None where it cannot be read (gone, or no /proc)."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()  # after the command name
+        with open("/proc/%d/statm" % pid, "rb") as f:
+            resident_pages = int(f.read().split()[1])
+        descriptors = len(os.listdir("/proc/%d/fd" % pid))
+    except (OSError, IndexError, ValueError):
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    return ((int(fields[11]) + int(fields[12])) / ticks,  # utime, stime
+            resident_pages * mmap.PAGESIZE, descriptors)
+
+
+class MetricsHandler(http.server.BaseHTTPRequestHandler):
+    """GET /metrics, and nothing else."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = RegistryHandler.server_version
+    sys_version = ""
+    timeout = 10  # a scraper that stalls holds a thread no longer
+
+    def do_GET(self):
+        if urllib.parse.urlsplit(self.path).path != "/metrics":
+            body, status = b"see /metrics\n", HTTPStatus.NOT_FOUND
+        else:
+            body, status = self.server.metrics.scrape(), HTTPStatus.OK
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    do_HEAD = do_GET
+
+    def log_message(self, format, *args):
+        log.debug("metrics: %s %s", self.client_address[0], escape_for_log(format % args))
+
+
+class MetricsServer(http.server.ThreadingHTTPServer):
+    """The --metrics-listen socket: plain HTTP, apart from the registry's port."""
+
+    daemon_threads = True
+
+    def __init__(self, address, metrics):
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.metrics = metrics
+        super().__init__(address, MetricsHandler)
+
+    server_bind = RegistryServer.server_bind
+
+    def handle_error(self, request, client_address):
+        log.debug("metrics: %s %r", client_address[0], sys.exc_info()[1])
 
 
 class ConfigError(Exception):
@@ -2020,9 +2361,21 @@ class TlsCredentials:
     def __init__(self, cert, key, client_ca=None):
         self.files = (cert, key, client_ca)
         self.context = make_tls_context(*self.files)
+        self.not_after = self._not_after()
         self._identity = self._identify()
         self._checked = time.monotonic()
         self._lock = threading.Lock()
+        self.metrics = NoMetrics()
+
+    def _not_after(self):
+        """When the certificate just loaded expires (None if its file cannot say)."""
+        try:
+            f, _ = open_regular(self.files[0])
+            with f:
+                return certificate_not_after(f.read(MAX_MANIFEST_BYTES))
+        except (OSError, ValueError) as error:
+            log.warning("cannot read the expiry of %s: %s", self.files[0], error)
+            return None
 
     def _identify(self):
         return tuple(file_identity(path) for path in self.files if path)
@@ -2042,8 +2395,11 @@ class TlsCredentials:
                 self.context = make_tls_context(*self.files)
             except ConfigError as error:
                 log.error("keeping the current TLS certificate: %s", error)
+                self.metrics.add(("tls_reloads", "failure"))
                 return False
+            self.not_after = self._not_after()
         log.info("loaded TLS certificate %s", self.files[0])
+        self.metrics.add(("tls_reloads", "success"))
         return True
 
 
@@ -2078,21 +2434,47 @@ def is_loopback(host):
         return host == "localhost"
 
 
+def parse_metrics_listen(text):
+    """--metrics-listen: 'PORT' alone is on loopback; otherwise as --listen."""
+    if text.isdigit():
+        text = "127.0.0.1:" + text
+    try:
+        return parse_listen(text)
+    except ConfigError:
+        raise ConfigError("--metrics-listen %r: expected PORT or HOST:PORT, e.g. "
+                          "127.0.0.1:9402" % text)
+
+
 def build_server(args):
     if not os.path.isdir(args.root):
         raise ConfigError("root directory %s does not exist (--root)" % args.root)
     tls = TlsCredentials(args.cert, args.key, args.client_ca) if args.cert else None
     host, port = parse_listen(args.listen)
+    metrics_address = parse_metrics_listen(args.metrics_listen) if args.metrics_listen else None
+    tree = Tree(args.root)
+    metrics = Metrics(args.workers) if metrics_address else NoMetrics()
+    tree.metrics = metrics
+    if tls:
+        tls.metrics = metrics
     try:
-        return RegistryServer((host, port), Tree(args.root), tls,
-                              max_connections=args.max_connections,
-                              handshake_timeout=args.handshake_timeout,
-                              header_timeout=args.header_timeout,
-                              idle_timeout=args.idle_timeout,
-                              send_timeout=args.send_timeout,
-                              verify_always=args.verify == "always")
+        server = RegistryServer((host, port), tree, tls,
+                                max_connections=args.max_connections,
+                                handshake_timeout=args.handshake_timeout,
+                                header_timeout=args.header_timeout,
+                                idle_timeout=args.idle_timeout,
+                                send_timeout=args.send_timeout,
+                                verify_always=args.verify == "always", metrics=metrics)
     except OSError as error:
         raise ConfigError("cannot listen on %s: %s" % (args.listen, error.strerror or error))
+    if metrics_address:
+        metrics.tls = tls
+        try:
+            server.metrics_server = MetricsServer(metrics_address, metrics)
+        except OSError as error:
+            server.server_close()
+            raise ConfigError("cannot listen on --metrics-listen %s: %s" % (
+                args.metrics_listen, error.strerror or error))
+    return server
 
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -2137,6 +2519,8 @@ def signal_name(signums):
 def serve_until_signalled(server, shutdown_timeout):
     arrived = record_signals(HANDLED_SIGNALS)
     threading.Thread(target=act_on_signals, args=(server, arrived), daemon=True).start()
+    if server.metrics_server:
+        threading.Thread(target=server.metrics_server.serve_forever, daemon=True).start()
     notify_systemd("READY=1")
     try:
         server.serve_forever()
@@ -2146,6 +2530,9 @@ def serve_until_signalled(server, shutdown_timeout):
             log.warning("%d connections still busy after %ss; closing them",
                         left, shutdown_timeout)
         server.server_close()
+        if server.metrics_server:
+            server.metrics_server.shutdown()
+            server.metrics_server.server_close()
         ignore_signals()
 
 
@@ -2170,28 +2557,33 @@ def serve_workers(server, count, shutdown_timeout):
     only supervises: it forwards signals, speaks to systemd and replaces a worker that
     ends, however it ends, until it is stopping itself."""
     server.socket.setblocking(False)  # a worker that loses the race for a connection moves on
+    if server.metrics_server:
+        server.metrics_server.socket.setblocking(False)
+        server.metrics.supervisor = os.getpid()
     arrived = record_signals(HANDLED_SIGNALS + (signal.SIGCHLD,))
-    workers = {}  # pid -> when it started
+    workers = {}  # pid -> (when it started, its row of metrics)
 
-    def spawn():
+    def spawn(row):
         # Signals stay blocked across the fork until the worker has handlers of its own:
         # one arriving in between would land in the parent's queue, copied, and be lost.
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
         try:
             pid = os.fork()
             if pid == 0:
+                if server.metrics_server:
+                    server.metrics.take_row(row)
                 run_worker(server, shutdown_timeout)
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
-        workers[pid] = time.monotonic()
+        workers[pid] = time.monotonic(), row
 
     def forward(signum):
         for pid in workers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 
-    for _ in range(count):
-        spawn()
+    for row in range(count):
+        spawn(row)
     notify_systemd("READY=1")
     kill_at = None  # once stopping: when workers still there are killed
     failed = False
@@ -2211,7 +2603,7 @@ def serve_workers(server, count, shutdown_timeout):
             forward(signal.SIGHUP)
             notify_systemd("READY=1")
         for pid, status in ended_children():
-            started = workers.pop(pid, None)
+            started, row = workers.pop(pid, (None, None))
             if started is None:
                 continue
             if stopping:
@@ -2221,12 +2613,15 @@ def serve_workers(server, count, shutdown_timeout):
             if time.monotonic() - started < 1:
                 time.sleep(1)  # a worker that ends at once must not become a fork loop
         while len(workers) < count and not stopping:
+            free = set(range(count)) - {row for _, row in workers.values()}
             try:
-                spawn()
+                spawn(min(free))
             except OSError as error:  # out of processes or memory: try again next round
                 log.error("cannot start a worker: %s", error)
                 break
     server.server_close()
+    if server.metrics_server:
+        server.metrics_server.server_close()
     ignore_signals()
     return 1 if failed else 0
 
@@ -2371,6 +2766,10 @@ def make_parser():
                     help="with --gc, only print what would be removed")
     gc.add_argument("--force", action="store_true",
                     help="with --gc, collect a tree that --check finds damaged")
+    parser.add_argument("--metrics-listen", metavar="[HOST:]PORT",
+                        help="serve Prometheus metrics at http://HOST:PORT/metrics, plain "
+                             "HTTP on a socket of its own; a PORT alone is on 127.0.0.1 "
+                             "(default: no metrics)")
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="log warnings and errors only, no access log")
     parser.add_argument("--debug", action="store_true", help="log tracebacks of failures")
@@ -2427,6 +2826,9 @@ def main(argv=None):
                     args.listen)
     log.info("serving %s/v2/ from %s%s", server.url, server.tree.root,
              " with %d workers" % args.workers if args.workers > 1 else "")
+    if server.metrics_server:
+        host, port = server.metrics_server.server_address[:2]
+        log.info("metrics at http://%s:%d/metrics", "[%s]" % host if ":" in host else host, port)
     if args.workers > 1:
         return serve_workers(server, args.workers, args.shutdown_timeout)
     serve_until_signalled(server, args.shutdown_timeout)
