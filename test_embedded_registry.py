@@ -6,6 +6,7 @@ ctr, podman) are used where installed; with REQUIRE_REAL_CLIENTS=1 a missing one
 """
 
 import base64
+import calendar
 import collections
 import contextlib
 import copy
@@ -4502,3 +4503,144 @@ def test_an_oci_archive_keeps_its_referrers(tmp_path, capsys):
     assert dsi.main(["--from-archive", archive, "-d", str(tmp_path / "bare"),
                      "--no-referrers"]) == 1
     assert not (tmp_path / "bare" / "rancher/app/manifests" / sbom).exists()
+
+
+# --- Metrics, scraped by the real Prometheus -------------------------------------------
+
+class Prometheus:
+    """Debian's prometheus on a free loopback port, scraping targets every second."""
+
+    def __init__(self, directory, targets):
+        binary = need("prometheus")
+        config = os.path.join(directory, "prometheus.yml")
+        with open(config, "w") as f:
+            f.write("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+                    "scrape_configs:\n  - job_name: embedded-registry\n"
+                    "    static_configs:\n      - targets: [%s]\n"
+                    % ", ".join('"%s"' % target for target in targets))
+        self.base = "http://127.0.0.1:%d" % free_port()
+        self.log = open(os.path.join(directory, "prometheus.log"), "w")
+        self.process = subprocess.Popen(
+            [binary, "--config.file", config, "--storage.tsdb.path",
+             os.path.join(directory, "data"), "--web.listen-address", self.base[7:]],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while not self._ready():
+            assert self.process.poll() is None, "prometheus exited: see %s" % self.log.name
+            assert time.monotonic() < deadline, "prometheus did not start"
+            time.sleep(0.2)
+
+    def _ready(self):
+        try:
+            return urllib.request.urlopen(self.base + "/-/ready", timeout=2).status == 200
+        except OSError:
+            return False
+
+    def query(self, expression):
+        """{labels as a sorted tuple: value} of an instant query."""
+        url = "%s/api/v1/query?%s" % (self.base, urllib.parse.urlencode({"query": expression}))
+        answer = json.loads(urllib.request.urlopen(url, timeout=10).read())
+        assert answer["status"] == "success", answer
+        return {tuple(sorted(item["metric"].items())): float(item["value"][1])
+                for item in answer["data"]["result"]}
+
+    def wait_for(self, expression, expected, timeout=30):
+        """The query's one value once it equals expected (scrapes come each second)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            values = list(self.query(expression).values())
+            if values == [expected] or time.monotonic() > deadline:
+                return values
+            time.sleep(0.5)
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(30)
+        self.log.close()
+
+
+ACCESS_LINE_RE = re.compile(r" INFO \S+ ([A-Z]+) (\S+) (\d{3}) (\d+) [\d.]+s$")
+
+
+def access_log(lines):
+    """[(route, method, status, path, bytes)] of the access log's request lines."""
+    requests = []
+    for line in lines:
+        match = ACCESS_LINE_RE.search(line.rstrip("\n"))
+        if match:
+            method, path, status, sent = match.groups()
+            try:
+                route = er.parse_route(path).kind
+            except er.RegistryError:
+                route = "other"
+            requests.append((route, method, status, path, int(sent)))
+    return requests
+
+
+def openssl_not_after(cert):
+    text = run([need("openssl"), "x509", "-noout", "-enddate", "-in", cert]).stdout
+    return calendar.timegm(time.strptime(text.strip().split("=", 1)[1], "%b %d %H:%M:%S %Y GMT"))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_prometheus_scrapes_what_was_served(workers, fixture, tls, containerd, tmp_path):
+    skopeo = need("skopeo")
+    promtool = need("promtool")
+    root = tmp_path / "tree"
+    shutil.copytree(fixture.root, str(root), symlinks=True)
+    broken = json.loads(TreeBuilder(root).image("broken/app", "amd64", tag="1")[0])
+    corrupt = root / "blobs" / broken["layers"][1]["digest"]
+    flip_a_bit(corrupt)
+    metrics_port = free_port()
+    with server_process("--root", str(root), "--cert", tls["cert"], "--key", tls["key"],
+                        "--workers", str(workers), "--metrics-listen", str(metrics_port),
+                        drain=True) as (process, url):
+        prometheus = Prometheus(str(tmp_path), ["127.0.0.1:%d" % metrics_port])
+        try:
+            run([skopeo, "copy", "--src-cert-dir", cert_dir_for(tls), "docker://%s/library/multi:v1"
+                 % url[8:], "dir:" + str(tmp_path / "copy")])
+            write_hosts_toml(containerd.hosts_dir, MIRROR, [url], tls["ca"])
+            containerd("images", "pull", "--hosts-dir", containerd.hosts_dir, "--snapshotter",
+                       "native", "%s/a/b/c/d:1.0" % MIRROR)
+            context = ssl.create_default_context(cafile=tls["ca"])
+            for _ in range(2):  # the second time it is refused at once, not hashed again
+                conn = http.client.HTTPSConnection("127.0.0.1", int(url.rsplit(":", 1)[1]),
+                                                   context=context, timeout=10)
+                with contextlib.suppress(http.client.HTTPException, OSError):
+                    fetch(conn, "GET", "/v2/broken/app/blobs/" + corrupt.name)
+                conn.close()
+            time.sleep(0.5)  # the last access lines are written after the answers
+            served = access_log(process.log_lines)
+            assert prometheus.wait_for("sum(embedded_registry_http_requests_total)",
+                                       len(served)) == [len(served)]
+            by_route = prometheus.query(
+                "sum by (route, method, code) (embedded_registry_http_requests_total)")
+            counted = collections.Counter((r, m, c) for r, m, c, _, _ in served)
+            assert by_route == {(("code", c), ("method", m), ("route", r)): float(n)
+                                for (r, m, c), n in counted.items()}
+            assert counted["blob", "GET", "200"] >= 6 and counted["manifest", "GET", "200"] >= 3
+            # Blob bytes: each sound blob's file size, and what went out of the corrupt one.
+            expected = sum(os.path.getsize(str(root / "blobs" / urllib.parse.urlsplit(
+                path).path.rsplit("/", 1)[1]))
+                           for route, method, status, path, _ in served
+                           if route == "blob" and method == "GET" and status == "200"
+                           and corrupt.name not in path)
+            expected += sum(sent for route, _, _, path, sent in served
+                            if route == "blob" and corrupt.name in path)
+            assert prometheus.query('embedded_registry_http_response_bytes_total{route="blob"}'
+                                    ).popitem()[1] == expected
+            assert list(prometheus.query(
+                'sum(embedded_registry_blob_verifications_total{result="corrupt"})').values()) \
+                == [1.0]
+            assert list(prometheus.query(
+                "embedded_registry_tls_certificate_expiry_timestamp_seconds").values()) == [
+                float(openssl_not_after(tls["cert"]))]
+            assert list(prometheus.query("sum(up)").values()) == [1.0]
+            scraped = urllib.request.urlopen("http://127.0.0.1:%d/metrics" % metrics_port,
+                                             timeout=10).read()
+            checked = subprocess.run([promtool, "check", "metrics"], input=scraped,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            assert checked.returncode == 0, checked.stdout
+            assert b'embedded_registry_build_info{version="%s"' % er.__version__.encode() in scraped
+        finally:
+            prometheus.stop()
