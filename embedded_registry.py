@@ -2445,10 +2445,28 @@ def parse_metrics_listen(text):
                           "127.0.0.1:9402" % text)
 
 
+def load_credentials(cert, key, client_ca, wait):
+    """The TLS credentials, waiting up to wait seconds for files that are missing or not
+    yet usable: on a first boot k3s writes its certificates only once it has started."""
+    deadline = time.monotonic() + wait
+    told = False
+    while True:
+        try:
+            return TlsCredentials(cert, key, client_ca)
+        except ConfigError as error:
+            if time.monotonic() >= deadline:
+                raise ConfigError("%s%s" % (error, " (after waiting %gs)" % wait if wait else ""))
+            if not told:
+                log.info("waiting up to %gs for the certificate: %s", wait, error)
+                told = True
+            time.sleep(0.5)
+
+
 def build_server(args):
     if not os.path.isdir(args.root):
         raise ConfigError("root directory %s does not exist (--root)" % args.root)
-    tls = TlsCredentials(args.cert, args.key, args.client_ca) if args.cert else None
+    tls = load_credentials(args.cert, args.key, args.client_ca,
+                           args.wait_for_cert) if args.cert else None
     host, port = parse_listen(args.listen)
     metrics_address = parse_metrics_listen(args.metrics_listen) if args.metrics_listen else None
     tree = Tree(args.root)
@@ -2723,6 +2741,10 @@ def make_parser():
     tls.add_argument("--key", metavar="FILE", help="PEM private key of --cert")
     tls.add_argument("--client-ca", metavar="FILE",
                      help="require client certificates signed by this CA (mutual TLS)")
+    tls.add_argument("--wait-for-cert", type=float, default=0.0, metavar="SECONDS",
+                     help="wait this long for --cert and --key to appear and load, as k3s's "
+                          "own do on a first boot, instead of failing at once (default: "
+                          "%(default)s)")
     limits = parser.add_argument_group("limits")
     limits.add_argument("--workers", type=int, default=1, metavar="N",
                         help="processes sharing the port; 2 or more use more cores for many "
@@ -2787,6 +2809,10 @@ def main(argv=None):
         parser.error("--cert and --key go together")
     if args.client_ca and not args.cert:
         parser.error("--client-ca needs --cert and --key")
+    if args.wait_for_cert and not args.cert:
+        parser.error("--wait-for-cert needs --cert and --key")
+    if not 0 <= args.wait_for_cert < float("inf"):
+        parser.error("--wait-for-cert must be 0 or more seconds")
     if args.max_connections < 1:
         parser.error("--max-connections must be at least 1")
     if args.workers < 1:

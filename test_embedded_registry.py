@@ -4644,3 +4644,96 @@ def test_prometheus_scrapes_what_was_served(workers, fixture, tls, containerd, t
             assert b'embedded_registry_build_info{version="%s"' % er.__version__.encode() in scraped
         finally:
             prometheus.stop()
+
+
+# --- k3s's own certificates: waiting for them, and their rotation -------------------------
+
+def k3s_serving_certificate(tls_dir, days):
+    """k3s's server CA and its serving-kube-apiserver certificate (ECDSA P-256, as k3s
+    issues them, with 127.0.0.1 among the names), laid out as in
+    /var/lib/rancher/k3s/server/tls; each file appears whole, by rename."""
+    openssl = need("openssl")
+    d = str(tls_dir)
+    os.makedirs(d, exist_ok=True)
+    ca_key, ca_crt = os.path.join(d, "server-ca.key"), os.path.join(d, "server-ca.crt")
+    if not os.path.exists(ca_crt):
+        run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+             "-nodes", "-days", "3650", "-subj", "/CN=k3s-server-ca@1700000000",
+             "-keyout", ca_key + ".new", "-out", ca_crt + ".new"])
+        os.rename(ca_key + ".new", ca_key)
+        os.rename(ca_crt + ".new", ca_crt)
+    key, crt = (os.path.join(d, "serving-kube-apiserver" + ext) for ext in (".key", ".crt"))
+    ext = os.path.join(d, "serving.ext")
+    with open(ext, "w") as f:
+        f.write("subjectAltName=DNS:kubernetes,DNS:kubernetes.default,DNS:localhost,"
+                "IP:127.0.0.1,IP:::1,IP:10.43.0.1\nextendedKeyUsage=serverAuth\n")
+    run([openssl, "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+         "-subj", "/O=k3s/CN=kube-apiserver", "-keyout", key + ".new", "-out", crt + ".csr"])
+    run([openssl, "x509", "-req", "-in", crt + ".csr", "-CA", ca_crt, "-CAkey", ca_key,
+         "-CAcreateserial", "-days", str(days), "-extfile", ext, "-out", crt + ".new"])
+    os.rename(key + ".new", key)
+    os.rename(crt + ".new", crt)
+    return {"ca": ca_crt, "cert": crt, "key": key}
+
+
+def served_certificate(port, ca):
+    """The DER certificate the server presents to a new connection trusting ca."""
+    context = ssl.create_default_context(cafile=ca)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        with context.wrap_socket(sock, server_hostname="127.0.0.1") as tls_sock:
+            return tls_sock.getpeercert(binary_form=True)
+
+
+def test_k3s_certificates_waited_for_then_rotated(fixture, containerd, tmp_path):
+    tls_dir = tmp_path / "var/lib/rancher/k3s/server/tls"
+    cert, key = (str(tls_dir / ("serving-kube-apiserver" + ext)) for ext in (".crt", ".key"))
+    port, metrics_port = free_port(), free_port()
+    log_path = tmp_path / "registry.log"
+    with open(str(log_path), "w") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "embedded_registry.py"), "--root", fixture.root,
+             "--listen", "127.0.0.1:%d" % port, "--cert", cert, "--key", key,
+             "--wait-for-cert", "60", "--metrics-listen", str(metrics_port)], stderr=log_file)
+    try:
+        deadline = time.monotonic() + 15
+        while "waiting up to 60s for the certificate" not in log_path.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        time.sleep(1)
+        assert process.poll() is None and "serving https" not in log_path.read_text()
+        first = k3s_serving_certificate(tls_dir, days=30)  # k3s has started
+        while "serving https://127.0.0.1:%d/v2/" % port not in log_path.read_text():
+            assert process.poll() is None and time.monotonic() < deadline + 15, \
+                log_path.read_text()
+            time.sleep(0.1)
+        assert log_path.read_text().count("waiting up to") == 1
+        write_hosts_toml(containerd.hosts_dir, MIRROR, ["https://127.0.0.1:%d" % port],
+                         first["ca"])
+        images = list(fixture.images)
+        containerd("images", "pull", "--hosts-dir", containerd.hosts_dir, "--snapshotter",
+                   "native", "%s/%s" % (MIRROR, images[0]))
+        metrics_url = "http://127.0.0.1:%d/metrics" % metrics_port
+
+        def expiry():
+            text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+            return float(re.search(r"^embedded_registry_tls_certificate_expiry_timestamp_seconds"
+                                   r" (\S+)$", text, re.M).group(1))
+
+        first_expiry = openssl_not_after(cert)
+        assert expiry() == first_expiry
+        old = served_certificate(port, first["ca"])
+        # k3s renews the certificate: same CA, new key, new expiry.
+        k3s_serving_certificate(tls_dir, days=300)
+        deadline = time.monotonic() + 15
+        while served_certificate(port, first["ca"]) == old:
+            assert time.monotonic() < deadline, "the new certificate was not taken"
+            time.sleep(0.3)
+        assert expiry() == openssl_not_after(cert) > first_expiry
+        containerd("images", "pull", "--hosts-dir", containerd.hosts_dir, "--snapshotter",
+                   "native", "%s/%s" % (MIRROR, images[1]))
+        assert "loaded TLS certificate" in log_path.read_text()
+        assert "tls_reloads_total{result=\"success\"} 1" in urllib.request.urlopen(
+            metrics_url, timeout=10).read().decode()
+    finally:
+        process.terminate()
+        process.wait(15)
