@@ -1627,13 +1627,17 @@ class DeadlineReader(io.RawIOBase):
         return True
 
     def readinto(self, buffer):
-        if self.deadline is not None:
-            left = self.deadline - time.monotonic()
+        if self.deadline is None:
+            return self.sock.recv_into(buffer)
+        left = self.deadline - time.monotonic()
+        try:
             if left <= 0:
-                self.timed_out = True
                 raise socket.timeout("request headers not complete in time")
             self.sock.settimeout(left)
-        return self.sock.recv_into(buffer)
+            return self.sock.recv_into(buffer)
+        except socket.timeout:
+            self.timed_out = True
+            raise
 
 
 class HeadReader(io.BufferedReader):
@@ -2436,10 +2440,8 @@ def is_loopback(host):
 
 def parse_metrics_listen(text):
     """--metrics-listen: 'PORT' alone is on loopback; otherwise as --listen."""
-    if text.isdigit():
-        text = "127.0.0.1:" + text
     try:
-        return parse_listen(text)
+        return parse_listen("127.0.0.1:" + text if text.isdigit() else text)
     except ConfigError:
         raise ConfigError("--metrics-listen %r: expected PORT or HOST:PORT, e.g. "
                           "127.0.0.1:9402" % text)

@@ -30,6 +30,7 @@ import tarfile
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -4737,3 +4738,118 @@ def test_k3s_certificates_waited_for_then_rotated(fixture, containerd, tmp_path)
     finally:
         process.terminate()
         process.wait(15)
+
+
+def scrape(port):
+    """{(name, labels text): value} of one scrape of the metrics port."""
+    text = urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=10).read()
+    samples = {}
+    for line in text.decode().splitlines():
+        match = re.fullmatch(r"([a-z_]+)(?:\{(.*)\})? (\S+)", line)
+        if match:
+            samples[match.group(1), match.group(2) or ""] = float(match.group(3))
+    return samples
+
+
+def test_certificate_expiry_is_read_as_openssl_reads_it(tmp_path):
+    openssl = need("openssl")
+    for algorithm, days in (("rsa:2048", 2), ("ec", 40000)):  # past 2049: GeneralizedTime
+        key, crt = str(tmp_path / "k.pem"), str(tmp_path / "c.pem")
+        extra = ["-pkeyopt", "ec_paramgen_curve:P-256"] if algorithm == "ec" else []
+        run([openssl, "req", "-x509", "-newkey", algorithm] + extra + [
+            "-nodes", "-days", str(days), "-subj", "/CN=x", "-keyout", key, "-out", crt])
+        pem = open(crt, "rb").read()
+        assert er.certificate_not_after(b"junk\n" + pem) == openssl_not_after(crt)
+    for junk in (b"", b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----",
+                 b"-----BEGIN CERTIFICATE-----\n!!\n-----END CERTIFICATE-----",
+                 pem[:len(pem) // 2].rsplit(b"\n", 1)[0] + b"\n-----END CERTIFICATE-----"):
+        with pytest.raises(ValueError):
+            er.certificate_not_after(junk)
+
+
+def test_metrics_port_refuses_what_is_not_a_scrape(fixture, tls):
+    metrics_port = free_port()
+    with server_process("--root", fixture.root, "--cert", tls["cert"], "--key", tls["key"],
+                        "--metrics-listen", "127.0.0.1:%d" % metrics_port,
+                        "--handshake-timeout", "0.5", "--header-timeout", "0.5",
+                        "--idle-timeout", "0.5", drain=True) as (process, url):
+        port = int(url.rsplit(":", 1)[1])
+        for path, status in (("/", 404), ("/metrics/../etc/passwd", 404), ("/metricsx", 404)):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen("http://127.0.0.1:%d%s" % (metrics_port, path), timeout=10)
+            assert refused.value.code == status
+        for raw in (b"POST /metrics HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello",
+                    b"GET /metrics HTTP/1.1\r\n" + b"X: " + b"y" * 70000 + b"\r\n\r\n",
+                    b"\x16\x03\x01garbage\r\n\r\n", b"GET /metrics HTTP/1.1\r\n"):  # never ends
+            with socket.create_connection(("127.0.0.1", metrics_port), timeout=15) as sock:
+                sock.sendall(raw)
+                assert not sock.recv(100).startswith(b"HTTP/1.1 200"), raw[:30]
+        # What the registry port sees counts: a handshake that is not TLS, one that never
+        # comes, a request never finished, an idle keep-alive connection.
+        for send in (b"GET / HTTP/1.1\r\n\r\n", b""):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(send)
+                with contextlib.suppress(ConnectionResetError):
+                    sock.recv(100)
+        context = ssl.create_default_context(cafile=tls["ca"])
+        for send in (b"GET /v2/ HTTP/1.1\r\nHost: x\r\n", b"GET /v2/ HTTP/1.1\r\n\r\n"):
+            with context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10),
+                                     server_hostname="127.0.0.1") as sock:
+                sock.sendall(send)
+                while sock.recv(4096):
+                    pass
+        samples = scrape(metrics_port)
+        assert samples["embedded_registry_tls_handshake_failures_total",
+                       'reason="protocol"'] == 1
+        assert samples["embedded_registry_tls_handshake_failures_total", 'reason="timeout"'] == 1
+        assert samples["embedded_registry_timeouts_total", 'kind="handshake"'] == 1
+        assert samples["embedded_registry_timeouts_total", 'kind="header"'] == 1
+        assert samples["embedded_registry_timeouts_total", 'kind="idle"'] == 1
+        assert samples["embedded_registry_connections_open", ""] == 0
+        assert samples["embedded_registry_connections_total", ""] == 4
+        assert process.poll() is None
+
+
+def test_metrics_flags_are_checked(fixture, tmp_path):
+    for flags, message in ((["--metrics-listen", "nowhere"], "--metrics-listen 'nowhere'"),
+                           (["--metrics-listen", "70000"], "--metrics-listen '70000'"),
+                           (["--wait-for-cert", "5"], "--wait-for-cert needs --cert"),
+                           (["--cert", "a", "--key", "b", "--wait-for-cert", "nan"],
+                            "--wait-for-cert must be")):
+        result = subprocess.run([sys.executable, os.path.join(HERE, "embedded_registry.py"),
+                                 "--root", fixture.root] + flags, stderr=subprocess.PIPE,
+                                universal_newlines=True, timeout=30)
+        assert result.returncode == 2 and message in result.stderr, (flags, result.stderr)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = subprocess.run([sys.executable, os.path.join(HERE, "embedded_registry.py"),
+                                 "--root", fixture.root, "--listen", "127.0.0.1:0",
+                                 "--metrics-listen", str(taken.getsockname()[1])],
+                                stderr=subprocess.PIPE, universal_newlines=True, timeout=30)
+    assert result.returncode == 2 and "cannot listen on --metrics-listen" in result.stderr
+
+
+def test_a_replaced_worker_s_counts_are_kept(fixture):
+    metrics_port = free_port()
+    with server_process("--root", fixture.root, "--workers", "2", "--metrics-listen",
+                        str(metrics_port), drain=True) as (process, url):
+        for _ in range(20):
+            assert https_or_http_status(url, "/v2/library/multi/manifests/v1", None) == 200
+        key = ("embedded_registry_http_requests_total",
+               'route="manifest",method="GET",code="200"')
+        assert scrape(metrics_port)[key] == 20
+        workers = [int(pid) for pid in open("/proc/%d/task/%d/children" % (
+            process.pid, process.pid)).read().split()]
+        assert len(workers) == 2
+        os.kill(workers[0], signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while len(open("/proc/%d/task/%d/children" % (process.pid, process.pid)).read().split()) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        for _ in range(5):
+            assert https_or_http_status(url, "/v2/library/multi/manifests/v1", None) == 200
+        samples = scrape(metrics_port)
+        assert samples[key] == 25  # nothing the dead worker counted is lost
+        assert samples["embedded_registry_connections_open", ""] >= 0
+        assert samples["process_resident_memory_bytes", ""] > 3 * 10 ** 6
