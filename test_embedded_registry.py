@@ -4844,7 +4844,8 @@ def test_a_replaced_worker_s_counts_are_kept(fixture):
         assert len(workers) == 2
         os.kill(workers[0], signal.SIGKILL)
         deadline = time.monotonic() + 15
-        while len(open("/proc/%d/task/%d/children" % (process.pid, process.pid)).read().split()) < 2:
+        children = "/proc/%d/task/%d/children" % (process.pid, process.pid)
+        while len(open(children).read().split()) < 2:
             assert time.monotonic() < deadline
             time.sleep(0.1)
         for _ in range(5):
