@@ -45,6 +45,7 @@ MANY_MANIFESTS = 5000
 STREAMS = 8
 LEAK_REQUESTS = 10000
 PULLS = 5
+METRICS_ROUNDS = 3  # wrk runs of each server, with and without --metrics-listen
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 ACCEPT = ", ".join(["application/vnd.docker.distribution.manifest.v2+json",
                     "application/vnd.docker.distribution.manifest.list.v2+json",
@@ -544,6 +545,25 @@ def blob_streams(servers, content):
     best_of(3, servers, "multi", all_streams)
 
 
+def metrics_cost(directory, certs, root, workers, seconds):
+    """(req/s with metrics, req/s without): the keep-alive manifest rate of two servers
+    that differ only in --metrics-listen, measured in turns so drift falls on both."""
+    metered = Ours(directory, certs, root, workers, ["--metrics-listen", str(free_port())])
+    plain = Ours(directory, certs, root, workers)
+    rates = {metered: [], plain: []}
+    for server in rates:
+        server.start()
+    try:
+        for _ in range(METRICS_ROUNDS):
+            for server in rates:
+                rates[server].append(wrk_rate(server.url + "/v2/rancher/bench-0/manifests/1",
+                                              certs["ca.crt"], seconds))
+    finally:
+        for server in rates:
+            server.stop()
+    return max(rates[metered]), max(rates[plain])
+
+
 def measure(servers, content, directory, seconds):
     for server in servers:
         server.results["start"] = server.start()
@@ -657,6 +677,7 @@ def main(argv=None):
         one_worker = (wrk_rate(manifest_url, certs["ca.crt"], args.seconds),
                       wrk_rate(manifest_url, certs["ca.crt"], args.seconds, close=True))
         single.stop()
+        metered = metrics_cost(directory, certs, content.root, args.workers, args.seconds)
         always = Ours(directory, certs, content.root, args.workers, ["--verify", "always"])
         always.start()
         blob_streams([always], content)  # every GET hashed: the cost of --verify always
@@ -674,6 +695,10 @@ def main(argv=None):
             "2. %.0f MB/s (%.2fx)" % (
                 always.results["single"], always.results["single"] / ours["single"],
                 always.results["multi"], always.results["multi"] / ours["multi"]),
+            "10. with --metrics-listen: keep-alive manifest GET %.0f req/s, without: %.0f "
+            "(best of %d each, in turns; %.2fx, target >= 0.95: %s)" % (
+                metered[0], metered[1], METRICS_ROUNDS, metered[0] / metered[1],
+                "yes" if metered[0] >= 0.95 * metered[1] else "NO"),
             "7. start-up to first /v2/ answer: %.0f ms with %d manifests, %.0f ms with an "
             "empty tree (target < 300 ms, independent of size: %s)" % (
                 start_many * 1000, MANY_MANIFESTS, start_empty * 1000,
