@@ -53,6 +53,7 @@ import contextlib
 import errno
 import gzip
 import hashlib
+import http.client
 import io
 import json
 import logging
@@ -60,6 +61,7 @@ import os
 import posixpath
 import re
 import shutil
+import socket
 import ssl
 import stat
 import subprocess
@@ -313,9 +315,11 @@ def subject_of(document):
 
 def describe(document, children):
     """What one line of the run calls an image: its platforms, or chart or artifact."""
-    if manifest_kind(document) == "index":
-        return "%d platform%s" % (children, "s" if children != 1 else "")
-    return artifact_kind(document) or "image"
+    if manifest_kind(document) != "index":
+        return artifact_kind(document) or "image"
+    if not any("platform" in entry for entry in document.get("manifests", [])):
+        return "artifact"  # an index of artifacts, none of them for a platform
+    return "%d platform%s" % (children, "s" if children != 1 else "")
 
 
 def count_kinds(kinds):
@@ -585,6 +589,34 @@ class NoRedirects(urllib.request.HTTPRedirectHandler):
         return None
 
 
+def read_until(response, limit, deadline):
+    """At most limit bytes of a response body, all of it before deadline: a registry that
+    trickles a byte at a time cannot hold the run past REGISTRY_TIMEOUT."""
+    chunks, size = [], 0
+    while size < limit:
+        if time.monotonic() > deadline:
+            raise socket.timeout("the answer took over %ds" % REGISTRY_TIMEOUT)
+        chunk = response.read(min(64 * 1024, limit - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def next_page(link, repository):
+    """The path (below /v2/<repository>/) of a Link header's rel="next" page, or None;
+    a link that leaves the repository's referrers is not followed."""
+    match = re.search(r'<([^>]*)>\s*;\s*rel="?next"?', link)
+    if not match:
+        return None
+    target = urllib.parse.urlsplit(match.group(1))
+    prefix = "/v2/%s/" % repository
+    if target.scheme or target.netloc or not target.path.startswith(prefix + "referrers/"):
+        return None
+    return target.path[len(prefix):] + ("?" + target.query if target.query else "")
+
+
 def api_host(registry):
     return DOCKER_HUB_API if registry == DEFAULT_REGISTRY else registry
 
@@ -604,10 +636,9 @@ def stored_credentials(auth_files, registry):
     for pattern in auth_files:
         path = expand_path(pattern)
         try:
-            with open(path, "rb") as f:
-                auths = json.loads(f.read(MAX_MANIFEST_BYTES)).get("auths")
-        except (TypeError, OSError, ValueError, AttributeError):
-            continue
+            auths = json.loads(read_regular(path, MAX_MANIFEST_BYTES)).get("auths")
+        except (TypeError, OSError, ValueError, AttributeError, RecursionError):
+            continue  # unset, absent, not a file, not JSON: as the tools, look further
         for key in keys:
             entry = auths.get(key) if isinstance(auths, dict) else None
             if isinstance(entry, dict) and matches(TOKEN_RE, entry.get("auth")):
@@ -643,22 +674,30 @@ class UpstreamRegistry:
         self._openers = {}  # host -> an opener with that host's trust
 
     def referrers(self, image, digest):
-        """Descriptors of what refers to digest, or None where the API is not offered."""
+        """Descriptors of what refers to digest, every page of them (at most
+        MAX_REFERRERS), or None where the API is not offered."""
         what = "referrers of %s" % image.pinned(digest)
-        status, body = self._get(image, "referrers/" + digest, OCI_INDEX)
-        if status in NO_REFERRERS_API:
-            return None
-        if status != 200:
-            raise DownloadError("%s: the upstream answered %d%s"
-                                % (what, status, NO_REFERRERS_HINT))
-        index = check_document(parse_json(body, what), what)
-        if manifest_kind(index) != "index":
-            raise DownloadError("%s: the upstream answered with a manifest, not an index" % what)
-        return index.get("manifests", [])
+        path, listed = "referrers/" + digest, []
+        while path:
+            status, reply, body = self._get(image, path, OCI_INDEX)
+            if status in NO_REFERRERS_API and not listed:
+                return None
+            if status != 200:
+                raise DownloadError("%s: the upstream answered %d%s"
+                                    % (what, status, NO_REFERRERS_HINT))
+            index = check_document(parse_json(body, what), what)
+            if manifest_kind(index) != "index":
+                raise DownloadError("%s: the upstream answered with a manifest, not an index"
+                                    % what)
+            listed += index.get("manifests", [])
+            if len(listed) > MAX_REFERRERS:
+                raise DownloadError("%s: over %d listed; not followed" % (what, MAX_REFERRERS))
+            path = next_page(reply.get("Link", ""), image.repository)
+        return listed
 
     def tagged(self, image, tag):
         """The manifest bytes under tag, or None where the upstream has no such tag."""
-        status, body = self._get(image, "manifests/" + tag, MANIFEST_ACCEPT)
+        status, _, body = self._get(image, "manifests/" + tag, MANIFEST_ACCEPT)
         if status == 404:
             return None
         if status != 200:
@@ -674,12 +713,12 @@ class UpstreamRegistry:
         if key in self._authorization:
             headers["Authorization"] = self._authorization[key]
         status, reply, body = self._request(host, url_path, headers)
-        if status == 401 and key not in self._authorization:
+        if status == 401:  # no token yet, or one that has expired: answer the challenge
             self._authorization[key] = self._answer_challenge(
                 image, reply.get("WWW-Authenticate", ""))
             headers["Authorization"] = self._authorization[key]
             status, reply, body = self._request(host, url_path, headers)
-        return status, body
+        return status, reply, body
 
     def _answer_challenge(self, image, challenge):
         """The Authorization value a 401's WWW-Authenticate asks for."""
@@ -696,12 +735,13 @@ class UpstreamRegistry:
         if realm.scheme not in ("https", "http") or not realm.netloc:
             raise DownloadError("%s: the upstream's token realm %s is not an HTTP URL"
                                 % (image.repo, shown(params.get("realm"))))
-        query = {"service": params.get("service", ""),
-                 "scope": params.get("scope", "repository:%s:pull" % image.repository)}
+        query = urllib.parse.urlencode({
+            "service": params.get("service", ""),
+            "scope": params.get("scope", "repository:%s:pull" % image.repository)})
         headers = {"Authorization": credentials} if credentials else {}
         status, _, body = self._request(
-            realm.netloc, realm.path + "?" + urllib.parse.urlencode(query), headers,
-            scheme=realm.scheme)
+            realm.netloc, "%s?%s" % (realm.path, "&".join(filter(None, (realm.query, query)))),
+            headers, scheme=realm.scheme)
         what = "the token from %s" % realm.netloc
         if status != 200:
             raise DownloadError("%s: the upstream's token service answered %d" % (
@@ -721,14 +761,21 @@ class UpstreamRegistry:
             schemes.append("http")
         for attempt in schemes:
             url = "%s://%s%s" % (attempt, host, path)
+            deadline = time.monotonic() + REGISTRY_TIMEOUT
             try:
                 with self._opener(host).open(urllib.request.Request(url, headers=headers),
                                              timeout=REGISTRY_TIMEOUT) as response:
                     status, reply = response.status, response.headers
-                    body = response.read(MAX_MANIFEST_BYTES + 1)
+                    body = read_until(response, MAX_MANIFEST_BYTES + 1, deadline)
             except urllib.error.HTTPError as error:
-                status, reply, body = error.code, error.headers, error.read(MAX_MANIFEST_BYTES)
-            except (urllib.error.URLError, OSError) as error:
+                status, reply = error.code, error.headers
+                try:
+                    body = read_until(error, MAX_MANIFEST_BYTES, deadline)
+                except (OSError, http.client.HTTPException):
+                    body = b""  # an error's body is only ever shown
+            except (urllib.error.URLError, OSError, http.client.HTTPException,
+                    ValueError) as error:
+                # ValueError: http.client's InvalidURL, from a token realm's odd port
                 if attempt != schemes[-1]:
                     continue
                 raise DownloadError("GET %s: %s" % (url, getattr(error, "reason", error)))
@@ -939,6 +986,10 @@ class ArchiveSource(Source):
             name = oci_image_name(entry.get("annotations"))
             digest = entry["digest"]
             if not name and self._is_referrer(digest):
+                subject = self._subject_of_referrer(digest)
+                if not self.has_manifest(subject):
+                    self.problems.append((where, "a referrer of %s, which is not in the "
+                                          "archive" % subject))
                 continue  # it comes along with its subject
             if not name:
                 self.problems.append((where, "no image name in its annotations (%s)"
@@ -1008,7 +1059,13 @@ class ArchiveSource(Source):
             self._referrers[subject["digest"]].append(descriptor)
 
     def _is_referrer(self, digest):
-        return any(d["digest"] == digest for found in self._referrers.values() for d in found)
+        return self._subject_of_referrer(digest) is not None
+
+    def _subject_of_referrer(self, digest):
+        for subject, found in self._referrers.items():
+            if any(d["digest"] == digest for d in found):
+                return subject
+        return None
 
     def referrers(self, image, digest):
         """What in the archives refers to digest, as a referrers API lists it."""
@@ -1268,7 +1325,12 @@ class Downloader:
             self.writer.link_tag(repo, image.tag, resolved.digest)
         referrers = []
         if self.finder:
-            referrers = self.save_referrers(image, repo, [m.digest for m in manifests], counts)
+            try:
+                referrers = self.save_referrers(image, repo, [m.digest for m in manifests],
+                                                counts)
+            except DownloadError as error:
+                raise DownloadError("%s is saved, but not all that refers to it: %s"
+                                    % (resolved.digest, error))
         return Result(image, True, resolved.digest, counts["new"], counts["reused"],
                       counts["bytes"], describe(top.document, len(manifests) - 1), referrers)
 
@@ -1281,6 +1343,8 @@ class Downloader:
         wanted = [c for c in entries
                   if ("platform" not in c or platform_matches(platforms, c["platform"]))
                   and self.tool.has_manifest(c["digest"])]
+        if not wanted and platforms is None:
+            raise DownloadError("index %s names no manifest that is here" % top.digest)
         if not wanted:
             raise DownloadError("no manifest for %s in the index (it has: %s)" % (
                 ", ".join(platform_names(platforms)),
@@ -1318,27 +1382,27 @@ class Downloader:
 
     def save_referrers(self, image, repo, subjects, counts):
         """Save what refers to each subject, and what refers to that in turn; returns the
-        [Referrer] saved, in order."""
+        [Referrer] saved, in order. A manifest reached again (the image itself under a
+        cosign tag, or a referrer found by two routes) gets its tag, and counts once."""
         saved, seen, level = [], set(subjects), list(subjects)
+        budget = [MAX_REFERRERS]  # manifests this image's search may still fetch
         for _ in range(MAX_REFERRER_DEPTH):
             following = []
             for subject in level:
-                for found, tag, kind in self.find_referrers(image, subject):
-                    if found.digest not in seen:
+                for found, tag, kind in self.find_referrers(image, subject, budget):
+                    first_time = found.digest not in seen
+                    if first_time:
                         # A fallback tag's index names referrers saved just before it.
                         manifests = [found] if kind is None else self.with_children(
                             image, found, None)
                         self.store(image, repo, manifests, counts)
                         following += [found.digest] if kind else []
+                        seen.add(found.digest)
                     elif not tag:
                         continue
-                    seen.add(found.digest)
                     if tag:
                         self.writer.link_tag(repo, tag, found.digest)
-                    saved.append(Referrer(found.digest, tag, kind))
-                    if len(saved) > MAX_REFERRERS:
-                        raise DownloadError("more than %d manifests refer to %s; not followed"
-                                            % (MAX_REFERRERS, image))
+                    saved.append(Referrer(found.digest, tag, kind if first_time else None))
             level = following
             if not level:
                 return saved
@@ -1346,35 +1410,46 @@ class Downloader:
                     MAX_REFERRER_DEPTH)
         return saved
 
-    def find_referrers(self, image, subject):
+    def find_referrers(self, image, subject, budget):
         """[(Fetched, tag, kind)] of what refers to subject: the referrers API where the
         upstream offers it, else the fallback tag's index (listed after the referrers it
-        names), and cosign's .sig, .att and .sbom tags."""
+        names), and cosign's .sig, .att and .sbom tags. What names another subject is
+        left out, with a warning; budget[0] bounds the manifests listed and fetched."""
         tag_base = "sha256-" + digest_hex(subject)
-        found = []
-        listed = self.finder.referrers(image, subject)
+        listed, fallback = self.finder.referrers(image, subject), None
         if listed is None:
             fallback = self.tagged(image, tag_base)
+            if fallback and manifest_kind(fallback.document) != "index":
+                log.warning("%s: the fallback tag %s holds a manifest, not an index of "
+                            "referrers; left out", image, tag_base)
+                fallback = None
             listed = fallback.document.get("manifests", []) if fallback else []
-        else:
-            log.debug("%s: the upstream's referrers API lists %d", image.pinned(subject),
-                      len(listed))
-            fallback = None
+        if len(listed) > budget[0]:
+            raise DownloadError("more than %d manifests refer to %s; not followed"
+                                % (MAX_REFERRERS, image))
+        budget[0] -= len(listed)
+        found, strays = [], []
         for descriptor in listed:
             referrer = self.fetch_manifest(image.pinned(descriptor["digest"]),
                                            descriptor["digest"])
-            if subject_of(referrer.document) != subject:
-                log.warning("%s: %s is listed as a referrer of %s but does not name it as "
-                            "its subject; left out", image, referrer.digest, subject)
-                fallback = None  # an index naming what is not saved is not saved either
-                continue
-            found.append((referrer, None, referrer_kind(referrer.document)))
+            if subject_of(referrer.document) == subject:
+                found.append((referrer, None, referrer_kind(referrer.document)))
+            else:
+                strays.append(referrer.digest)
+        if strays:
+            log.warning("%s: %d listed as referrers of %s do not name it as their subject; "
+                        "left out: %s", image, len(strays), subject, ", ".join(strays[:3]))
+            fallback = None  # an index naming what is not saved is not saved either
         if fallback:
             found.append((fallback, tag_base, None))
         for suffix, kind in COSIGN_TAG_KINDS:
-            tagged = self.tagged(image, "%s.%s" % (tag_base, suffix))
-            if tagged:
-                found.append((tagged, "%s.%s" % (tag_base, suffix), kind))
+            tag = "%s.%s" % (tag_base, suffix)
+            tagged = self.tagged(image, tag)
+            if tagged and subject_of(tagged.document) not in (None, subject):
+                log.warning("%s: the tag %s names another subject, %s; left out", image, tag,
+                            subject_of(tagged.document))
+            elif tagged:
+                found.append((tagged, tag, kind))
         return found
 
     def tagged(self, image, tag):

@@ -4160,6 +4160,13 @@ def signed_upstream(upstream, fixture):
     found["image"] = subject
     found["tags"]["v1"] = subject["digest"]
     found["chart"], found["chart_bytes"] = push_chart(push, "charts/app", "1.2.3")
+    # One more referrer, which only a referrers API lists (the fallback tag does not).
+    empty = push.blob("signed/app", EMPTY_CONFIG, OCI_EMPTY)
+    found["provenance"] = push.manifest("signed/app", {
+        "schemaVersion": 2, "mediaType": er.OCI_MANIFEST, "artifactType": "application/vnd."
+        "in-toto+json", "config": empty, "layers": [push.blob(
+            "signed/app", b'{"_type": "https://in-toto.io/Statement/v1"}', "application/"
+            "vnd.in-toto+json")], "subject": subject})
     return found
 
 
@@ -4277,9 +4284,10 @@ class ReferrersUpstream(threading.Thread):
     replaces the referrers answer with (status, body), as a broken upstream would."""
 
     def __init__(self, upstream_host, listed, token=None, credentials=None, realm=None,
-                 answer=None):
+                 answer=None, page_size=None, token_uses=None, served=None):
         outer = self
         self.paths, self.authorizations = [], []
+        self.tokens = []  # issued, the last one valid for token_uses guarded requests
 
         class Handler(er.http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -4291,21 +4299,39 @@ class ReferrersUpstream(threading.Thread):
                 if handler.path.startswith("/token?"):
                     if credentials and handler.headers.get("Authorization") != credentials:
                         return handler.reply(401, b"{}")
-                    return handler.reply(200, json.dumps({"token": token}).encode())
-                if token and guarded and handler.headers.get("Authorization") != \
-                        "Bearer " + token:
+                    outer.tokens.append([token + ("-%d" % len(outer.tokens) if token_uses
+                                                  else ""), token_uses or float("inf")])
+                    return handler.reply(200, json.dumps({"token": outer.tokens[-1][0]}).encode())
+                if token and guarded and not handler.earns_entry():
                     return handler.reply(401, b"{}", {"WWW-Authenticate": (
                         'Bearer realm="%s",service="test",scope="repository:signed/app:pull"'
                         % (realm or "http://%s/token" % outer.host))})
-                match = re.fullmatch(r"/v2/(.+)/referrers/(sha256:[a-f0-9]{64})", handler.path)
+                match = re.fullmatch(r"/v2/(.+)/referrers/(sha256:[a-f0-9]{64})(?:\?page=(\d+))?",
+                                     handler.path)
+                if handler.path in (served or {}):  # what no real registry would hold
+                    return handler.reply(200, served[handler.path],
+                                         {"Content-Type": er.OCI_MANIFEST})
                 if match and answer:
                     return handler.reply(*answer)
                 if match:
+                    found, page = listed.get(match.group(2), []), int(match.group(3) or 0)
+                    size = page_size or len(found) or 1
+                    headers = {"Content-Type": er.OCI_INDEX}
+                    if (page + 1) * size < len(found):
+                        headers["Link"] = '</v2/%s/referrers/%s?page=%d>; rel="next"' % (
+                            match.group(1), match.group(2), page + 1)
                     return handler.reply(200, json.dumps({
                         "schemaVersion": 2, "mediaType": er.OCI_INDEX,
-                        "manifests": listed.get(match.group(2), [])}).encode(),
-                        {"Content-Type": er.OCI_INDEX})
+                        "manifests": found[page * size:(page + 1) * size]}).encode(), headers)
                 handler.relay()
+
+            def earns_entry(handler):
+                """Whether the request carries the last token issued, still valid."""
+                if not outer.tokens or handler.headers.get("Authorization") != \
+                        "Bearer " + outer.tokens[-1][0] or outer.tokens[-1][1] <= 0:
+                    return False
+                outer.tokens[-1][1] -= 1
+                return True
 
             do_HEAD = do_GET
 
@@ -4352,10 +4378,14 @@ def write_auth_file(path, host, credentials):
 def test_download_uses_the_referrers_api_where_the_upstream_answers_it(
         tool, signed_upstream, upstream, tmp_path):
     up = signed_upstream
-    listed = {up["image"]["digest"]: [dict(up["sbom"], artifactType=SPDX)],
+    listed = {up["image"]["digest"]: [dict(up["sbom"], artifactType=SPDX),
+                                      dict(up["provenance"], artifactType="application/vnd."
+                                           "in-toto+json")],
               up["sbom"]["digest"]: [dict(up["sbom_signature"], artifactType=COSIGN_SIG_ARTIFACT)]}
     credentials = "Basic " + base64.b64encode(b"ci:s3cret").decode()
-    proxy = ReferrersUpstream(upstream.host, listed, token="t0ken", credentials=credentials)
+    # One referrer a page; each token good for three requests, then renewed.
+    proxy = ReferrersUpstream(upstream.host, listed, token="t0ken", credentials=credentials,
+                              page_size=1, token_uses=3)
     try:
         write_auth_file(tmp_path / "config.json", proxy.host, credentials)
         extra = tmp_path / "extra.txt"
@@ -4368,9 +4398,9 @@ def test_download_uses_the_referrers_api_where_the_upstream_answers_it(
     finally:
         proxy.stop()
     assert result.returncode == 0, result.stderr
-    assert "with them: 2 signatures, 1 attestation, 1 SBOM" in result.stdout
+    assert "with them: 2 signatures, 2 attestations, 1 SBOM" in result.stdout
     manifests = root / "signed" / "app" / "manifests"
-    for name in ("sbom", "sbom_signature", "signature", "attestation"):
+    for name in ("sbom", "sbom_signature", "signature", "attestation", "provenance"):
         assert (manifests / up[name]["digest"]).is_file(), name
     # The API was asked, each fallback tag was not; the token was earned with the
     # credentials of the tool's own auth file, and then carried.
@@ -4379,9 +4409,10 @@ def test_download_uses_the_referrers_api_where_the_upstream_answers_it(
     assert not fallback_tags & set(proxy.paths)
     assert not (manifests / ("sha256-" + up["image"]["digest"][7:])).exists()
     assert "/v2/signed/app/referrers/" + up["image"]["digest"] in proxy.paths
+    assert "/v2/signed/app/referrers/%s?page=1" % up["image"]["digest"] in proxy.paths
     asked = dict(zip(proxy.paths, proxy.authorizations))
-    assert asked["/v2/signed/app/referrers/" + up["sbom"]["digest"]] == "Bearer t0ken"
-    assert any(path.startswith("/token?") for path in proxy.paths)
+    assert asked["/v2/signed/app/referrers/" + up["sbom"]["digest"]].startswith("Bearer t0ken-")
+    assert len(proxy.tokens) > 2  # each renewed as it expired, the run going on
     tree_is_sound(str(root))
 
 
@@ -4402,6 +4433,10 @@ HOSTILE_REFERRERS = {
     "a header in the token": (dict(token="t\r\nX-Injected: 1"), "is not a token"),
     "credentials refused": (dict(token="t", credentials="Basic bm90OnRoZXNl"),
                             "token service answered 401"),
+    "a challenge over 64 KiB": (dict(token="t", realm="http://127.0.0.1/" + "a" * 70000),
+                                "got more than 65536 bytes"),
+    "a realm's port that is no number": (dict(token="t", realm="http://127.0.0.1:abc/t"),
+                                         "nonnumeric port"),
 }
 
 
@@ -4443,8 +4478,8 @@ def test_a_listed_referrer_that_names_another_subject_is_left_out(signed_upstrea
     finally:
         proxy.stop()
     assert result.returncode == 0, result.stderr
-    assert "%s is listed as a referrer of %s but does not name it as its subject; left out" % (
-        up["sbom_signature"]["digest"], up["image"]["digest"]) in result.stderr
+    assert "1 listed as referrers of %s do not name it as their subject; left out: %s" % (
+        up["image"]["digest"], up["sbom_signature"]["digest"]) in result.stderr
     assert not (root / "signed/app/manifests" / up["sbom_signature"]["digest"]).exists()
     assert "with them: 1 signature, 1 attestation\n" in result.stdout
 
@@ -4488,14 +4523,16 @@ def test_an_oci_archive_keeps_its_referrers(tmp_path, capsys):
     sbom, _ = attach(builder, "rancher/app", image, artifact_type=SPDX)
     signature, _ = attach(builder, "rancher/app", sbom, artifact_type=COSIGN_SIG_ARTIFACT)
     _, unnamed = builder.image("rancher/app", "amd64", extra=b"no name, no subject")
+    orphan, _ = attach(builder, "rancher/app", "sha256:" + "1" * 64, artifact_type=SPDX)
     # The SBOM is listed in index.json without a name; its signature is only a blob.
     archive = oci_archive_of(builder, "rancher/app", tmp_path / "app.tar", [
-        (image, "docker.io/rancher/app:1"), (sbom, None), (unnamed, None)])
+        (image, "docker.io/rancher/app:1"), (sbom, None), (unnamed, None), (orphan, None)])
     tree = tmp_path / "tree"
     assert dsi.main(["--from-archive", archive, "-d", str(tree)]) == 1
     out, err = capsys.readouterr()
     assert "with them: 1 signature, 1 SBOM" in err
-    assert "2 images: 1 ok, 1 failed" in err and "entry 3: no image name" in err
+    assert "3 images: 1 ok, 2 failed" in err and "entry 3: no image name" in err
+    assert "entry 4: a referrer of sha256:%s, which is not in the archive" % ("1" * 64) in err
     assert check(tree, "--deep").returncode == 0
     with serving(str(tree)) as server:
         conn = connect(server)
@@ -4854,3 +4891,72 @@ def test_a_replaced_worker_s_counts_are_kept(fixture):
         assert samples[key] == 25  # nothing the dead worker counted is lost
         assert samples["embedded_registry_connections_open", ""] >= 0
         assert samples["process_resident_memory_bytes", ""] > 3 * 10 ** 6
+
+
+def test_odd_tags_beside_an_image_are_told_apart(upstream, fixture, crane_double, tmp_path):
+    """A fallback tag holding a manifest, a cosign tag naming another subject, and cosign
+    tags that point at the image itself: nothing is miscounted, the tree stays sound."""
+    skopeo = need("skopeo")
+    run([skopeo, "copy", "--preserve-digests", "--src-tls-verify=false",
+         "--dest-tls-verify=false", "docker://%s/a/b/c/d:1.0" % upstream.host,
+         "docker://%s/odd/app:1" % upstream.host])
+    body = upstream.raw("odd/app:1", skopeo)
+    image = {"mediaType": json.loads(body)["mediaType"], "digest": sha256(body),
+             "size": len(body)}
+    push = Pusher(upstream.host)
+    tag = "sha256-" + image["digest"][7:]
+    empty = push.blob("odd/app", EMPTY_CONFIG, OCI_EMPTY)
+    layer = push.blob("odd/app", b"odd", "application/octet-stream")
+    other = {"mediaType": er.OCI_MANIFEST, "digest": "sha256:" + "ab" * 32, "size": 1}
+    push.manifest("odd/app", {"schemaVersion": 2, "mediaType": er.OCI_MANIFEST,
+                              "config": empty, "layers": [layer], "subject": other}, tag + ".sig")
+    for suffix in (".att", ".sbom"):
+        urllib.request.urlopen(urllib.request.Request(
+            "%s/v2/odd/app/manifests/%s%s" % (push.base, tag, suffix), method="PUT",
+            data=body, headers={"Content-Type": image["mediaType"]}))
+    # A fallback tag that holds a manifest with a "manifests" member of the wrong shape.
+    odd = json.dumps({"schemaVersion": 2, "mediaType": er.OCI_MANIFEST, "config": empty,
+                      "layers": [layer], "manifests": ["x"]}).encode()
+    proxy = ReferrersUpstream(upstream.host, {}, answer=(404, b"{}"), token="t",
+                              served={"/v2/odd/app/manifests/" + tag: odd})
+    extra = tmp_path / "extra.txt"
+    extra.write_text("%s/odd/app:1\n%s/library/multi:v1\n" % (proxy.host, upstream.host))
+    root = tmp_path / "registry"
+    auth = tmp_path / "config.json"
+    auth.write_text("[" * 100000)  # the tool's auth file, nested past any parser's depth
+    try:
+        result = downloader(["-d", str(root), "-s", "-f", str(extra), "--insecure", "--tool",
+                             "crane"], path_prefix=crane_double,
+                            env_extra={"DOCKER_CONFIG": str(tmp_path)})
+    finally:
+        proxy.stop()
+    assert result.returncode == 0, result.stderr
+    assert "the fallback tag %s holds a manifest, not an index of referrers; left out" % tag \
+        in result.stderr
+    assert "the tag %s.sig names another subject, %s; left out" % (tag, other["digest"]) \
+        in result.stderr
+    assert "with them" not in result.stdout  # the image is no referrer of itself
+    manifests = root / "odd" / "app" / "manifests"
+    assert os.readlink(str(manifests / (tag + ".sbom"))) == image["digest"]
+    assert not (manifests / (tag + ".sig")).exists() and not (manifests / tag).exists()
+    assert check(root, "--deep").returncode == 0
+
+
+def test_a_trickling_answer_is_cut_at_the_deadline():
+    class Trickle(io.RawIOBase):  # a response that yields a byte a read, forever
+        def read(self, size=-1):
+            time.sleep(0.01)
+            return b"x"
+    started = time.monotonic()
+    with pytest.raises(socket.timeout):
+        dsi.read_until(Trickle(), 10 ** 6, time.monotonic() + 0.2)
+    assert time.monotonic() - started < 1
+    assert dsi.read_until(io.BytesIO(b"abc"), 2, time.monotonic() + 1) == b"ab"
+
+
+def test_what_a_line_calls_an_index_of_artifacts():
+    child = {"mediaType": er.OCI_MANIFEST, "digest": "sha256:" + "1" * 64, "size": 1}
+    assert dsi.describe({"mediaType": er.OCI_INDEX, "manifests": [child]}, 1) == "artifact"
+    child["platform"] = {"os": "linux", "architecture": "amd64"}
+    assert dsi.describe({"mediaType": er.OCI_INDEX, "manifests": [child, child]}, 2) == \
+        "2 platforms"
