@@ -1667,7 +1667,9 @@ class Bundle:
         if not known_repo:
             self.links.update("/".join(parts[:depth]) for depth in range(1, len(parts) + 1))
         tagged = [(result.message, result.image.tag, self.platforms)]
-        tagged += [(found.digest, found.tag, None) for found in result.referrers]
+        # A referrer comes whole; a manifest reached again (kind None) as the run saved it.
+        tagged += [(found.digest, found.tag, None if found.kind else self.platforms)
+                   for found in result.referrers]
         for digest, tag, platforms in tagged:
             for manifest_digest, document in self._manifests_of(repo, digest, platforms):
                 for descriptor in blob_descriptors_of(document):
