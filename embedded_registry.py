@@ -49,6 +49,7 @@ import bisect
 import calendar
 import collections
 import contextlib
+import email.utils
 import errno
 import hashlib
 import http.client
@@ -153,6 +154,18 @@ METRIC_CODES = ("200", "206", "304", "400", "401", "403", "404", "405", "408", "
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                     2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 HANDSHAKE_FAILURES = ("timeout", "closed", "protocol", "certificate")
+# The request a node makes most, whole in what one read brought: GET or HEAD over
+# HTTP/1.1, headers that are plain `token: printable` lines. Only such a request may be
+# answered from a prepared answer; anything else is the base class's to parse.
+SIMPLE_REQUEST_RE = re.compile(
+    rb"(GET|HEAD) (/v2/[!-~]{1,2048}) HTTP/1\.1\r\n"
+    rb"((?:[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}:[ \t]*[ -~]{0,8192}\r\n){0,100})\r\n")
+# Headers that ask for more than a plain answer: a body, an expectation, a condition.
+UNUSUAL_HEADER_RE = re.compile(
+    rb"(?im)^(?:content-length|transfer-encoding|expect|if-[a-z-]+|range):")
+CONNECTION_CLOSE_RE = re.compile(rb"(?im)^connection:[ \t]*close[ \t]*\r$")
+MAX_PREPARED_ANSWERS = 4096
+PLAIN_LOG_TEXT_RE = re.compile(r"[ -\[\]-~]*")  # printable ASCII but the backslash
 TIMEOUT_KINDS = ("handshake", "header", "idle", "send")
 PEM_CERTIFICATE_RE = re.compile(
     rb"-----BEGIN CERTIFICATE-----([A-Za-z0-9+/=\s]+)-----END CERTIFICATE-----")
@@ -609,6 +622,8 @@ def exposition(families):
 
 def escape_for_log(text, limit=400):
     """Control characters escaped and absurd lengths cut, so a log line stays one line."""
+    if len(text) <= limit and PLAIN_LOG_TEXT_RE.fullmatch(text):
+        return text  # the common case, which escaping would leave as it is
     text = text.encode("unicode_escape", "backslashreplace").decode("ascii")
     return text if len(text) <= limit else "%s...(%d chars)" % (text[:limit], len(text))
 
@@ -867,14 +882,18 @@ class Tree:
 
     def repo_dirs(self, name, ns=None):
         """The existing repository directories for name, the namespaced one first."""
+        return [real for _, real in self._repo_candidates(name, ns) if real]
+
+    def _repo_candidates(self, name, ns):
+        """[(path, its real path if it is a repository directory inside the root, or None)]
+        where name is looked up, the namespaced one first; NAME_UNKNOWN if none is one."""
         candidates = [os.path.join(self.root, ns, name)] if ns else []
         candidates.append(os.path.join(self.root, name))
         found = []
         for candidate in candidates:
             real = self._resolve(candidate)
-            if real and os.path.isdir(real):
-                found.append(real)
-        if not found:
+            found.append((candidate, real if real and os.path.isdir(real) else None))
+        if not any(real for _, real in found):
             raise RegistryError(HTTPStatus.NOT_FOUND, "NAME_UNKNOWN",
                                 "repository name not known to registry", {"name": name})
         return found
@@ -910,18 +929,30 @@ class Tree:
         return real if real and os.path.isdir(real) else None
 
     def manifest(self, name, reference, ns=None):
-        repos = self.repo_dirs(name, ns)
+        return self.locate_manifest(name, reference, ns)[0]
+
+    def locate_manifest(self, name, reference, ns=None):
+        """(Manifest, the path it was read from, the identity of the file read, and the
+        paths that, were they to appear, would be looked at before it)."""
+        candidates = self._repo_candidates(name, ns)
+        repos = [repo for _, repo in candidates if repo]
         for attempt in range(TAG_LOOKUPS):
-            for repo in repos:
-                real = self._resolve(os.path.join(repo, "manifests", reference))
-                found = real and self._load_manifest(real)
+            passed = []
+            for candidate, repo in candidates:
+                path = os.path.join(repo or candidate, "manifests", reference)
+                if repo is None:
+                    passed.append(path)
+                    continue
+                real = self._resolve(path)
+                found, identity = self._load_manifest(real) if real else (None, None)
                 if found and is_digest(reference) and not self._matches(found, reference):
                     self.warn_once(("mismatch", real, reference), found.digest, logging.ERROR,
                                    "manifest %s does not hash to %s; not served", real,
                                    reference)
                     found = None
                 if found:
-                    return found
+                    return found, path, identity, passed
+                passed.append(path)
             if is_digest(reference) or not any(map(self._being_written, repos)):
                 break
             # tar replaces a tag by removing it and then making the new one: a tag missing
@@ -944,7 +975,8 @@ class Tree:
         return found.digest == digest or digest_of(found.body, algorithm) == digest
 
     def _load_manifest(self, real):
-        """The Manifest at real (None if missing or unservable), cached by file identity.
+        """(The Manifest at real, None if missing or unservable; the identity of the file
+        it was read from), cached by file identity.
 
         A regular file whose identity is cached costs one stat; only a file not seen
         before, or changed, is opened (as a regular file, checked again) and read.
@@ -952,24 +984,25 @@ class Tree:
         try:
             st = os.stat(real)
         except OSError:
-            return None
-        manifest = self._manifests.get(real, stat_identity(st)) if stat.S_ISREG(
+            return None, None
+        identity = stat_identity(st)
+        manifest = self._manifests.get(real, identity) if stat.S_ISREG(
             st.st_mode) else IdentityCache.MISSING
         if manifest is not IdentityCache.MISSING:
-            return manifest
+            return manifest, identity
         try:
             f, st = open_regular(real)
         except NotRegularFile:
             self.warn_once(("irregular", real), None, logging.ERROR,
                            "manifest %s is not a regular file; not served", real)
             self.metrics.add(("manifests_refused",))
-            return None
+            return None, None
         except OSError:
-            return None
+            return None, None
         with f:
             manifest = self._read_manifest(f, real)
         self._manifests.put(real, stat_identity(st), manifest)
-        return manifest
+        return manifest, stat_identity(st)
 
     def _read_manifest(self, f, real):
         try:
@@ -1044,7 +1077,7 @@ class Tree:
             index = collections.defaultdict(list)
             for name in sorted(os.listdir(manifests)) if identity else []:
                 real = is_valid_digest(name) and self._resolve(os.path.join(manifests, name))
-                manifest = real and self._load_manifest(real)
+                manifest = real and self._load_manifest(real)[0]
                 document = json.loads(manifest.body) if manifest else {}
                 if isinstance(document, dict) and subject_of(document):
                     index[subject_of(document)].append(referrer_descriptor(manifest, document))
@@ -1659,6 +1692,86 @@ class HeadReader(io.BufferedReader):
         return line
 
 
+class SecondCache:
+    """A text that changes once a second (a Date header, a log line's time), made once
+    a second instead of once a request."""
+
+    def __init__(self, make):
+        self._make = make
+        self._made = (None, "")
+
+    def __call__(self, now):
+        second = int(now)
+        made = self._made  # one read: threads may replace it meanwhile
+        if made[0] != second:
+            made = self._made = (second, self._make(second))
+        return made[1]
+
+
+HTTP_DATE = SecondCache(lambda second: email.utils.formatdate(second, usegmt=True))
+
+
+class AccessLog:
+    """The access log, written by each request's own thread straight to the log's file
+    descriptor: the very line that logging, as main() sets it up, would write, without
+    a LogRecord, a handler lock and a flush per request. Other lines still go through
+    logging, each written whole, so lines never mix."""
+
+    def __init__(self, stream, json_lines=False):
+        self.fd = stream.fileno()
+        self.json_lines = json_lines
+        self._local_time = SecondCache(
+            lambda second: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second)))
+        self._utc_time = SecondCache(
+            lambda second: time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+
+    def write(self, message, fields):
+        now = time.time()
+        msecs = int((now - int(now)) * 1000)  # as logging.LogRecord computes them
+        if self.json_lines:
+            entry = {"time": "%s.%03dZ" % (self._utc_time(now), msecs), "level": "info"}
+            entry.update(fields)
+            line = json.dumps(entry)
+        else:
+            line = "%s,%03d INFO %s" % (self._local_time(now), msecs, message)
+        data = (line + "\n").encode("utf-8", "backslashreplace")
+        with contextlib.suppress(OSError):  # as logging, a log that cannot be written
+            while data:
+                data = data[os.write(self.fd, data):]
+
+
+# An answer to GET or HEAD of one manifest, whole but for its Date header: valid while
+# the file it was read from keeps its identity and no path looked at before it appears.
+PreparedAnswer = collections.namedtuple(
+    "PreparedAnswer", "path identity passed head_start head_end body")
+
+
+class PreparedAnswers:
+    """The prepared answers of one server, by method and request target."""
+
+    def __init__(self, size=MAX_PREPARED_ANSWERS):
+        self._answers = {}
+        self._size = size
+
+    def get(self, method, target):
+        """The answer, if it still holds: one stat of its file, one lstat per path passed."""
+        answer = self._answers.get((method, target))
+        if answer is None:
+            return None
+        try:
+            identity = stat_identity(os.stat(answer.path))
+        except OSError:
+            return None
+        if identity != answer.identity or any(map(os.path.lexists, answer.passed)):
+            return None
+        return answer
+
+    def put(self, method, target, answer):
+        if len(self._answers) >= self._size:
+            self._answers.clear()  # a tree of more manifests than this: start over
+        self._answers[method, target] = answer
+
+
 class RegistryHandler(http.server.SimpleHTTPRequestHandler):
     """Answers registry reads; SimpleHTTPRequestHandler's do_GET/do_HEAD call send_head()."""
 
@@ -1709,6 +1822,8 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
         self.reader.deadline = time.monotonic() + self.server.header_timeout
         self.route_kind, self.observed = "other", False
         self.response_status = self.response_bytes = 0
+        if self.answer_prepared():
+            return
         super().handle_one_request()
         if self.reader.timed_out:
             self.server.metrics.add(("timeouts", "header"))
@@ -1736,6 +1851,43 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
             self.send_error(HTTPStatus.BAD_REQUEST, "a GET or HEAD request carries no body")
             return False
         return True
+
+    def answer_prepared(self):
+        """Answer a simple request for a manifest from its prepared answer, and say so;
+        anything else is left, unread, to the base class."""
+        buffered = self.rfile.peek(1)
+        end = buffered.find(b"\r\n\r\n")
+        match = end > 0 and SIMPLE_REQUEST_RE.fullmatch(buffered, 0, end + 4)
+        if not match or UNUSUAL_HEADER_RE.search(match.group(3)):
+            return False
+        method, target = match.group(1).decode(), match.group(2).decode()
+        answer = self.server.answers.get(method, target)
+        if answer is None:
+            return False
+        started = time.monotonic()
+        self.rfile.read(end + 4)
+        self.command, self.path, self.request_version = method, target, "HTTP/1.1"
+        self.close_connection = bool(CONNECTION_CLOSE_RE.search(match.group(3)))
+        self.rfile.head_left = self.reader.deadline = None
+        self.connection.settimeout(self.server.send_timeout)
+        self.route_kind, self.response_status = "manifest", HTTPStatus.OK
+        self.response_bytes = len(answer.body) if method == "GET" else 0
+        try:
+            self.wfile.write(answer.head_start + self.date_time_string().encode() +
+                             answer.head_end)
+            if method == "GET":
+                self.wfile.write(answer.body)
+            self.wfile.flush()
+        except socket.timeout:  # the client stopped reading: as on the slow path
+            self.server.metrics.add(("timeouts", "send"))
+            raise
+        if self.server.stopping:
+            self.close_connection = True
+        self.log_access(time.monotonic() - started)
+        return True
+
+    def date_time_string(self, timestamp=None):
+        return HTTP_DATE(time.time() if timestamp is None else timestamp)
 
     # Dispatch ---------------------------------------------------------------------
 
@@ -1768,10 +1920,20 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
         return self.send_bytes(HTTPStatus.OK, b"{}", "application/json")
 
     def serve_manifest(self, route):
-        manifest = self.server.tree.manifest(route.name, route.reference, route.ns)
+        manifest, path, identity, passed = self.server.tree.locate_manifest(
+            route.name, route.reference, route.ns)
         digest = route.reference if is_digest(route.reference) else manifest.digest
-        return self.send_bytes(HTTPStatus.OK, manifest.body, manifest.media_type, [
-            ("Docker-Content-Digest", digest), ("ETag", '"%s"' % digest)])
+        headers = [("Docker-Content-Digest", digest), ("ETag", '"%s"' % digest)]
+        body = self.send_bytes(HTTPStatus.OK, manifest.body, manifest.media_type, headers)
+        # The next such request is answered with the same bytes, without the steps above.
+        head = self.header_block(HTTPStatus.OK, manifest.media_type, len(manifest.body),
+                                 headers).split(b"\r\nDate: %s\r\n" % (
+                                     self.date_time_string().encode()), 1)
+        if len(head) == 2:
+            self.server.answers.put(self.command, self.path, PreparedAnswer(
+                path, identity, passed, head[0] + b"\r\nDate: ", b"\r\n" + head[1],
+                manifest.body))
+        return body
 
     def serve_blob(self, route):
         tree = self.server.tree
@@ -1824,12 +1986,21 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
 
     def send_headers(self, status, content_type, length, headers=()):
         self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(length))
-        self.send_header(*API_VERSION_HEADER)
-        for key, value in headers:
+        for key, value in self.header_list(content_type, length, headers):
             self.send_header(key, value)
         self.end_headers()
+
+    @staticmethod
+    def header_list(content_type, length, headers):
+        return [("Content-Type", content_type), ("Content-Length", str(length)),
+                API_VERSION_HEADER] + list(headers)
+
+    def header_block(self, status, content_type, length, headers):
+        """The bytes send_headers() sends, as a prepared answer repeats them."""
+        lines = ["%s %d %s" % (self.protocol_version, status, status.phrase),
+                 "Server: " + self.version_string(), "Date: " + self.date_time_string()]
+        lines += ["%s: %s" % pair for pair in self.header_list(content_type, length, headers)]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "strict")
 
     def send_bytes(self, status, body, content_type, headers=()):
         self.send_headers(status, content_type, len(body), headers)
@@ -1909,18 +2080,28 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
         finally:
             if self.server.stopping:
                 self.close_connection = True
-            seconds = time.monotonic() - started
-            log.info("%s %s %s %s %d %.3fs", self.client_address[0], self.command,
-                     escape_for_log(self.path), self.response_status, self.response_bytes,
-                     seconds, extra={"access": {
-                         "client": self.client_address[0], "method": self.command,
-                         "path": self.path, "ns": ns_of(self.path),
-                         "status": self.response_status, "bytes": self.response_bytes,
-                         "seconds": round(seconds, 6)}})
-            self.observed = True
-            self.server.metrics.observe_request(self.route_kind, self.command,
-                                                self.response_status or 500, seconds,
-                                                self.response_bytes)
+            self.log_access(time.monotonic() - started)
+
+    def log_access(self, seconds):
+        """The request's access line, and its count in the metrics."""
+        access_log = self.server.access_log
+        message = "%s %s %s %s %d %.3fs" % (
+            self.client_address[0], self.command, escape_for_log(self.path),
+            self.response_status, self.response_bytes, seconds)
+        fields = None
+        if access_log is None or access_log.json_lines:  # only JSON lines show them apart
+            fields = {"client": self.client_address[0], "method": self.command,
+                      "path": self.path, "ns": ns_of(self.path),
+                      "status": self.response_status, "bytes": self.response_bytes,
+                      "seconds": round(seconds, 6)}
+        if access_log:
+            access_log.write(message, fields)
+        else:
+            log.info("%s", message, extra={"access": fields})
+        self.observed = True
+        self.server.metrics.observe_request(self.route_kind, self.command,
+                                            self.response_status or 500, seconds,
+                                            self.response_bytes)
 
     def answer_failure(self, error):
         """A fault of ours while answering: a 500 if no answer has begun, one log line
@@ -1984,6 +2165,8 @@ class RegistryServer(http.server.ThreadingHTTPServer):
         self.verify_always = verify_always
         self.metrics = metrics or NoMetrics()
         self.metrics_server = None  # the --metrics-listen server, if any
+        self.answers = PreparedAnswers()
+        self.access_log = None  # an AccessLog, where main() has set up the log
         self.stopping = False  # shutdown() was asked for: no new slot, no more keep-alive
         self._slots = set()
         self._slots_changed = threading.Condition()
@@ -2849,6 +3032,8 @@ def main(argv=None):
     except ConfigError as error:
         print("%s: error: %s" % (parser.prog, error), file=sys.stderr)
         return 2
+    if log.isEnabledFor(logging.INFO):
+        server.access_log = AccessLog(sys.stderr, args.log_format == "json")
     if server.tls is None and not is_loopback(server.server_address[0]):
         log.warning("serving plain HTTP beyond loopback on %s: give --cert and --key for TLS",
                     args.listen)

@@ -2505,7 +2505,7 @@ def test_malformed_targets_and_our_own_faults_get_answers(tmp_path, caplog):
             def broken(*args, **kwargs):
                 raise RuntimeError("the disk fell off")
 
-            server.tree.manifest = broken
+            server.tree.locate_manifest = broken
             answer = raw_exchange(server, b"GET /v2/app/manifests/1 HTTP/1.1\r\nHost: x\r\n\r\n")
             assert answer.startswith(b"HTTP/1.1 500 ") and b"Connection: close" in answer
             assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["errors"]
