@@ -4960,3 +4960,121 @@ def test_what_a_line_calls_an_index_of_artifacts():
     child["platform"] = {"os": "linux", "architecture": "amd64"}
     assert dsi.describe({"mediaType": er.OCI_INDEX, "manifests": [child, child]}, 2) == \
         "2 platforms"
+
+
+# --- Prepared answers: the fast path keeps every behaviour of the slow one ----------------
+
+def head_and_body(answer):
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return re.sub(rb"\r\nDate: [^\r]*", b"", head), body
+
+
+def test_a_prepared_answer_is_the_slow_path_s_answer(tmp_path):
+    builder = TreeBuilder(tmp_path)
+    _, index, _ = builder.index("rancher/app", "1", ["amd64", "arm64"])
+    request = b"%s /v2/rancher/app/manifests/1%s HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n"
+    with serving(tmp_path) as server:
+        for method in (b"GET", b"HEAD"):
+            for query in (b"", b"?ns=docker.io"):
+                first = raw_exchange(server, request % (method, query) + b"")
+                assert (method.decode(), "/v2/rancher/app/manifests/1" + query.decode()) in \
+                    server.answers._answers  # prepared by the first answer
+                second = raw_exchange(server, request % (method, query))
+                assert head_and_body(first) == head_and_body(second)
+                assert first.startswith(b"HTTP/1.1 200 OK\r\n")
+                assert (b"Docker-Content-Digest: " + index.encode()) in second
+                assert (head_and_body(second)[1] == b"") == (method == b"HEAD")
+
+
+def test_a_prepared_answer_sees_every_change_at_once(tmp_path):
+    builder = TreeBuilder(tmp_path)
+    _, first = builder.image("app", "amd64", tag="1")
+    _, second = builder.image("app", "amd64", extra=b"2")
+    tag = tmp_path / "app" / "manifests" / "1"
+    get = b"GET /v2/app/manifests/1%s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+    def digest_served(query=b""):
+        answer = raw_exchange(server, get % query)
+        match = re.search(rb"Docker-Content-Digest: (\S+)", answer)
+        return match.group(1).decode() if match else answer.split(b" ", 2)[1].decode()
+
+    with serving(tmp_path) as server:
+        assert digest_served() == digest_served() == first
+        os.remove(str(tag))
+        os.symlink(second, str(tag))  # the tag re-pointed
+        assert digest_served() == second
+        body = (tmp_path / "app" / "manifests" / second).read_bytes()
+        os.remove(str(tag))
+        tag.write_bytes(body)  # the tag a file
+        assert digest_served() == second
+        os.remove(str(tag))  # the tag gone
+        assert digest_served() == "404"
+        os.symlink(first, str(tag))
+        assert digest_served(b"?ns=docker.io") == digest_served(b"?ns=docker.io") == first
+        # The same name appears under the namespace, which is looked at first.
+        os.makedirs(str(tmp_path / "docker.io" / "app" / "manifests"))
+        os.symlink("../../blobs", str(tmp_path / "docker.io" / "blobs"))
+        os.symlink("../blobs", str(tmp_path / "docker.io" / "app" / "blobs"))
+        shutil.copy(str(tmp_path / "app" / "manifests" / second),
+                    str(tmp_path / "docker.io" / "app" / "manifests" / "1"))
+        assert digest_served(b"?ns=docker.io") == second
+        # A manifest damaged in place: refused on the next request, never served again.
+        damaged = tmp_path / "app" / "manifests" / first
+        assert digest_served() == first
+        flip_a_bit(damaged)
+        assert digest_served() == "404"
+
+
+@pytest.mark.parametrize("unusual", [
+    b"GET /v2/app/manifests/1 HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+    b"GET /v2/app/manifests/1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"GET /v2/app/manifests/1 HTTP/1.1\r\nHost: x\r\nContent-Length : 0\r\n\r\n",
+    b"GET /v2/app/manifests/1 HTTP/1.1\r\nHost: x\r\n folded\r\n\r\n",
+    b"GET /v2/app/manifests/1 HTTP/1.0\r\n\r\n",
+    b"GET /v2/app/manifests/1\r\n\r\n",
+    b"get /v2/app/manifests/1 HTTP/1.1\r\n\r\n",
+    b"GET /v2/app/manifests/1 HTTP/1.1\r\nX: \xff\r\n\r\n",
+])
+def test_unusual_requests_take_the_base_class_s_way(unusual, tmp_path):
+    TreeBuilder(tmp_path).image("app", "amd64", tag="1")
+    with serving(tmp_path) as server:
+        plain = b"GET /v2/app/manifests/1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        assert raw_exchange(server, plain).startswith(b"HTTP/1.1 200")
+        assert raw_exchange(server, plain).startswith(b"HTTP/1.1 200")  # prepared
+        slow = raw_exchange(server, unusual)
+        server.answers._answers.clear()
+        assert raw_exchange(server, unusual).split(b"\r\n")[0] == slow.split(b"\r\n")[0]
+
+
+def test_access_lines_are_those_logging_writes(tmp_path):
+    """The access log written straight to the file descriptor matches, line for line, what
+    logging writes with main()'s formats, in text and in JSON."""
+    TreeBuilder(tmp_path).image("app", "amd64", tag="1")
+    for json_lines in (False, True):
+        read_end, write_end = os.pipe()
+        with os.fdopen(write_end, "w") as stream:
+            handler = logging.StreamHandler(stream)
+            handler.setFormatter(er.JsonLogFormatter() if json_lines else logging.Formatter(
+                "%(asctime)s %(levelname)s %(message)s"))
+            er.log.addHandler(handler)
+            er.log.setLevel(logging.INFO)
+            try:
+                with serving(tmp_path) as server:
+                    for direct in (False, True):
+                        server.access_log = er.AccessLog(stream, json_lines) if direct else None
+                        raw_exchange(server, b"GET /v2/app/manifests/1?ns=a.io HTTP/1.1\r\n"
+                                             b"Connection: close\r\n\r\n")
+            finally:
+                er.log.removeHandler(handler)
+                er.log.setLevel(logging.NOTSET)
+        with os.fdopen(read_end) as lines:
+            logged, direct = [line for line in lines if "manifests/1" in line]
+        if json_lines:
+            logged, direct = json.loads(logged), json.loads(direct)
+            for entry in (logged, direct):
+                entry["time"], entry["seconds"] = "T", 0
+            assert logged == direct and direct["ns"] == "a.io"
+        else:
+            pattern = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO 127.0.0.1 GET " \
+                      r"/v2/app/manifests/1\?ns=a\.io 200 \d+ \d\.\d{3}s\n"
+            assert re.fullmatch(pattern, logged) and re.fullmatch(pattern, direct)
