@@ -184,20 +184,25 @@ class Fixture:
 
 # --- Certificates and servers ---------------------------------------------------------
 
+# ECDSA P-256, the kind of key k3s issues and the README's recipe makes: every client
+# test (containerd, skopeo, podman) runs against it.
+EC_KEY = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]
+
+
 def make_ca_and_cert(directory, name="server"):
     """A CA and a server certificate for 127.0.0.1/::1/localhost, made with openssl."""
     openssl = need("openssl")
     d = str(directory)
     ca_key, ca_crt = os.path.join(d, "ca.key"), os.path.join(d, "ca.crt")
     if not os.path.exists(ca_crt):
-        run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        run([openssl, "req", "-x509"] + EC_KEY + ["-nodes", "-days", "2",
              "-subj", "/CN=embedded-registry test CA", "-keyout", ca_key, "-out", ca_crt])
     key, csr, crt = (os.path.join(d, name + ext) for ext in (".key", ".csr", ".crt"))
     ext = os.path.join(d, name + ".ext")
     with open(ext, "w") as f:
         f.write("subjectAltName=IP:127.0.0.1,IP:::1,DNS:localhost\n"
                 "extendedKeyUsage=serverAuth,clientAuth\n")
-    run([openssl, "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=" + name,
+    run([openssl, "req"] + EC_KEY + ["-nodes", "-subj", "/CN=" + name,
          "-keyout", key, "-out", csr])
     run([openssl, "x509", "-req", "-in", csr, "-CA", ca_crt, "-CAkey", ca_key,
          "-CAcreateserial", "-days", "2", "-extfile", ext, "-out", crt])
@@ -4695,9 +4700,9 @@ def k3s_serving_certificate(tls_dir, days):
     os.makedirs(d, exist_ok=True)
     ca_key, ca_crt = os.path.join(d, "server-ca.key"), os.path.join(d, "server-ca.crt")
     if not os.path.exists(ca_crt):
-        run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-             "-nodes", "-days", "3650", "-subj", "/CN=k3s-server-ca@1700000000",
-             "-keyout", ca_key + ".new", "-out", ca_crt + ".new"])
+        run([openssl, "req", "-x509"] + EC_KEY + [
+            "-nodes", "-days", "3650", "-subj", "/CN=k3s-server-ca@1700000000",
+            "-keyout", ca_key + ".new", "-out", ca_crt + ".new"])
         os.rename(ca_key + ".new", ca_key)
         os.rename(ca_crt + ".new", ca_crt)
     key, crt = (os.path.join(d, "serving-kube-apiserver" + ext) for ext in (".key", ".crt"))
@@ -4705,8 +4710,8 @@ def k3s_serving_certificate(tls_dir, days):
     with open(ext, "w") as f:
         f.write("subjectAltName=DNS:kubernetes,DNS:kubernetes.default,DNS:localhost,"
                 "IP:127.0.0.1,IP:::1,IP:10.43.0.1\nextendedKeyUsage=serverAuth\n")
-    run([openssl, "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-         "-subj", "/O=k3s/CN=kube-apiserver", "-keyout", key + ".new", "-out", crt + ".csr"])
+    run([openssl, "req"] + EC_KEY + ["-nodes", "-subj", "/O=k3s/CN=kube-apiserver",
+                                     "-keyout", key + ".new", "-out", crt + ".csr"])
     run([openssl, "x509", "-req", "-in", crt + ".csr", "-CA", ca_crt, "-CAkey", ca_key,
          "-CAcreateserial", "-days", str(days), "-extfile", ext, "-out", crt + ".new"])
     os.rename(key + ".new", key)
