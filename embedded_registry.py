@@ -1655,21 +1655,33 @@ class DeadlineReader(io.RawIOBase):
         self.sock = sock
         self.deadline = None
         self.timed_out = False  # the last deadline passed: a header timeout
+        self.timeout = sock.gettimeout()
+        # A plain socket's descriptor, read without a poll() while data is waiting.
+        self.fd = None if isinstance(sock, ssl.SSLSocket) else sock.fileno()
 
     def readable(self):
         return True
 
+    def set_timeout(self, seconds):
+        """The connection's timeout, set only when it changes: socket.settimeout() makes a
+        system call and lets another thread take the GIL, on every call."""
+        if seconds != self.timeout:
+            self.sock.settimeout(seconds)
+            self.timeout = seconds
+
     def readinto(self, buffer):
-        if self.deadline is None:
-            return self.sock.recv_into(buffer)
-        left = self.deadline - time.monotonic()
         try:
-            if left <= 0:
-                raise socket.timeout("request headers not complete in time")
-            self.sock.settimeout(left)
+            if self.deadline is not None:
+                left = self.deadline - time.monotonic()
+                if left <= 0:
+                    raise socket.timeout("request headers not complete in time")
+                self.set_timeout(left)
+            if self.fd is not None:  # what has arrived is taken in one system call
+                with contextlib.suppress(BlockingIOError):
+                    return os.readv(self.fd, [buffer])
             return self.sock.recv_into(buffer)
         except socket.timeout:
-            self.timed_out = True
+            self.timed_out = self.deadline is not None
             raise
 
 
@@ -1803,7 +1815,7 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
         # A new connection has only the header deadline to begin: a socket that never
         # speaks must not hold a slot for the idle time a keep-alive client has earned.
         wait = self.server.idle_timeout if self.requests else self.server.header_timeout
-        self.connection.settimeout(wait)
+        self.reader.set_timeout(wait)
         self.slot.waiting = True  # may be closed to make room, or at shutdown
         try:
             if not self.rfile.peek(1):
@@ -1838,7 +1850,7 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
                 return False
         finally:
             self.rfile.head_left = self.reader.deadline = None
-            self.connection.settimeout(self.server.send_timeout)
+            self.reader.set_timeout(self.server.send_timeout)
         if self.request_version == "HTTP/0.9":  # "GET /v2/" alone: no client of ours
             self.send_error(HTTPStatus.BAD_REQUEST, "HTTP/0.9 is not supported")
             return False
@@ -1869,15 +1881,12 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
         self.command, self.path, self.request_version = method, target, "HTTP/1.1"
         self.close_connection = bool(CONNECTION_CLOSE_RE.search(match.group(3)))
         self.rfile.head_left = self.reader.deadline = None
-        self.connection.settimeout(self.server.send_timeout)
+        self.reader.set_timeout(self.server.send_timeout)
         self.route_kind, self.response_status = "manifest", HTTPStatus.OK
         self.response_bytes = len(answer.body) if method == "GET" else 0
+        data = answer.head_start + self.date_time_string().encode() + answer.head_end
         try:
-            self.wfile.write(answer.head_start + self.date_time_string().encode() +
-                             answer.head_end)
-            if method == "GET":
-                self.wfile.write(answer.body)
-            self.wfile.flush()
+            self.send_at_once(data + answer.body if method == "GET" else data)
         except socket.timeout:  # the client stopped reading: as on the slow path
             self.server.metrics.add(("timeouts", "send"))
             raise
@@ -1885,6 +1894,20 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
             self.close_connection = True
         self.log_access(time.monotonic() - started)
         return True
+
+    def send_at_once(self, data):
+        """Send data, most often in one system call: a plain socket's descriptor (never
+        blocking while the socket has a timeout) takes what fits at once, without the
+        poll() that socket.send() makes first; the rest is sent within the timeout."""
+        if isinstance(self.connection, ssl.SSLSocket):
+            self.connection.sendall(data)
+            return
+        try:
+            sent = os.write(self.connection.fileno(), data)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(data):
+            self.connection.sendall(memoryview(data)[sent:])
 
     def date_time_string(self, timestamp=None):
         return HTTP_DATE(time.time() if timestamp is None else timestamp)
