@@ -1801,7 +1801,8 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
 
     def setup(self):
         self.connection = self.request
-        if self.connection.family in (socket.AF_INET, socket.AF_INET6):
+        # The server's family: the socket's .family builds an enum on every call.
+        if self.server.address_family in (socket.AF_INET, socket.AF_INET6):
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.reader = DeadlineReader(self.connection)
         self.rfile = HeadReader(self.reader)
