@@ -1658,6 +1658,7 @@ class DeadlineReader(io.RawIOBase):
         self.timeout = sock.gettimeout()
         # A plain socket's descriptor, read without a poll() while data is waiting.
         self.fd = None if isinstance(sock, ssl.SSLSocket) else sock.fileno()
+        self.before_waiting = None  # called when a read is about to wait for the client
 
     def readable(self):
         return True
@@ -1679,6 +1680,8 @@ class DeadlineReader(io.RawIOBase):
             if self.fd is not None:  # what has arrived is taken in one system call
                 with contextlib.suppress(BlockingIOError):
                     return os.readv(self.fd, [buffer])
+            if self.before_waiting:
+                self.before_waiting()
             return self.sock.recv_into(buffer)
         except socket.timeout:
             self.timed_out = self.deadline is not None
@@ -1723,19 +1726,33 @@ class SecondCache:
 HTTP_DATE = SecondCache(lambda second: email.utils.formatdate(second, usegmt=True))
 
 
-class AccessLog:
-    """The access log, written by each request's own thread straight to the log's file
-    descriptor: the very line that logging, as main() sets it up, would write, without
-    a LogRecord, a handler lock and a flush per request. Other lines still go through
-    logging, each written whole, so lines never mix."""
+class AccessLog(logging.Filter):
+    """The access log, written straight to the log's file descriptor: the very line that
+    logging, as main() sets it up, would write, without a LogRecord, a handler lock and
+    a flush per request.
+
+    Lines wait while requests keep coming: they are written when a connection is about
+    to wait for its next request (so never later than the client could notice), when
+    many have gathered, at shutdown, and before any other line that logging writes (as
+    the filter of its handler), so the log keeps its order.
+    """
+
+    MAX_PENDING = 256
 
     def __init__(self, stream, json_lines=False):
+        super().__init__()
         self.fd = stream.fileno()
         self.json_lines = json_lines
+        self._pending = []
+        self._lock = threading.Lock()
         self._local_time = SecondCache(
             lambda second: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second)))
         self._utc_time = SecondCache(
             lambda second: time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+
+    def filter(self, record):
+        self.flush()
+        return True
 
     def write(self, message, fields):
         now = time.time()
@@ -1746,7 +1763,18 @@ class AccessLog:
             line = json.dumps(entry)
         else:
             line = "%s,%03d INFO %s" % (self._local_time(now), msecs, message)
-        data = (line + "\n").encode("utf-8", "backslashreplace")
+        with self._lock:
+            self._pending.append(line)
+            full = len(self._pending) >= self.MAX_PENDING
+        if full:
+            self.flush()
+
+    def flush(self):
+        if not self._pending:
+            return
+        with self._lock:
+            lines, self._pending = self._pending, []
+        data = ("\n".join(lines) + "\n").encode("utf-8", "backslashreplace")
         with contextlib.suppress(OSError):  # as logging, a log that cannot be written
             while data:
                 data = data[os.write(self.fd, data):]
@@ -1805,9 +1833,18 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
         if self.server.address_family in (socket.AF_INET, socket.AF_INET6):
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.reader = DeadlineReader(self.connection)
+        if self.server.access_log:
+            self.reader.before_waiting = self.server.access_log.flush
         self.rfile = HeadReader(self.reader)
         self.wfile = self.connection.makefile("wb", self.wbufsize)
         self.slot.sock = self.connection
+
+    def finish(self):
+        try:
+            super().finish()
+        finally:
+            if self.server.access_log:  # the connection's last lines, before it is gone
+                self.server.access_log.flush()
 
     # Timeouts: a first request within the header deadline, idle between requests, a
     # deadline for the headers, then sending ------------------------------------------
@@ -2760,6 +2797,8 @@ def serve_until_signalled(server, shutdown_timeout):
         if server.metrics_server:
             server.metrics_server.shutdown()
             server.metrics_server.server_close()
+        if server.access_log:
+            server.access_log.flush()
         ignore_signals()
 
 
@@ -3058,6 +3097,8 @@ def main(argv=None):
         return 2
     if log.isEnabledFor(logging.INFO):
         server.access_log = AccessLog(sys.stderr, args.log_format == "json")
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(server.access_log)  # pending access lines go out first
     if server.tls is None and not is_loopback(server.server_address[0]):
         log.warning("serving plain HTTP beyond loopback on %s: give --cert and --key for TLS",
                     args.listen)

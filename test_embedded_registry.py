@@ -5083,3 +5083,25 @@ def test_access_lines_are_those_logging_writes(tmp_path):
             pattern = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO 127.0.0.1 GET " \
                       r"/v2/app/manifests/1\?ns=a\.io 200 \d+ \d\.\d{3}s\n"
             assert re.fullmatch(pattern, logged) and re.fullmatch(pattern, direct)
+
+
+def test_access_lines_keep_their_order_with_other_lines():
+    read_end, write_end = os.pipe()
+    with os.fdopen(write_end, "w") as stream:
+        access_log = er.AccessLog(stream)
+        handler = logging.StreamHandler(stream)
+        handler.addFilter(access_log)
+        logger = logging.getLogger("order-test")
+        logger.addHandler(handler)
+        logger.propagate = False
+        access_log.write("first request", None)
+        access_log.write("second request", None)
+        logger.error("a blob is corrupt")  # after the requests that came before it
+        access_log.write("third request", None)
+        access_log.flush()
+        logger.removeHandler(handler)
+    with os.fdopen(read_end) as lines:
+        text = lines.read()
+    assert re.findall(r"^.*(first request|second request|a blob is corrupt|third request)$",
+                      text, re.M) == ["first request", "second request", "a blob is corrupt",
+                                      "third request"]

@@ -436,7 +436,7 @@ def httperf_rate(server, path, method, connections=16, calls=5000):
     Each connection makes its calls one after another, keep-alive."""
     argv = ["httperf", "--server", "127.0.0.1", "--port", str(server.port), "--uri", path,
             "--method", method, "--num-conns", str(connections), "--num-calls", str(calls),
-            "--rate", "0", "--add-header", "Accept: %s\n" % ACCEPT]
+            "--rate", "0", "--add-header", "Accept: %s\r\n" % ACCEPT]
     result = run(argv + (["--ssl"] if server.certs else []))
     replies = re.search(r"Reply status: 1xx=\d+ 2xx=(\d+)", result.stdout)
     if not replies or int(replies.group(1)) != connections * calls:
@@ -710,6 +710,7 @@ def measure(servers, content, directory, seconds):
     for server in servers:
         r = server.results
         r["peak_rss"] = max(server.memory("VmHWM"))
+        r["peak_rss_all"] = sum(server.memory("VmHWM"))
         before = sum(server.memory("VmRSS"))
         keep_alive_requests(server, manifest, LEAK_REQUESTS)
         r["rss_growth"] = sum(server.memory("VmRSS")) - before
@@ -827,8 +828,10 @@ def main(argv=None):
         start_empty = start_up_times(directory, certs, empty)
         check, gc = offline_times(directory)
         extra = [
-            "   ours is --workers %d; with --workers 1: 3. %.0f req/s, 4. %.0f req/s" % (
-                args.workers, one_worker[0], one_worker[1]),
+            "   ours is --workers %d; with --workers 1: 3. %.0f req/s, 4. %.0f req/s; peak RSS "
+            "of all our processes together %.1f MiB (target < 64: %s)" % (
+                args.workers, one_worker[0], one_worker[1], ours["peak_rss_all"],
+                "yes" if ours["peak_rss_all"] < 64 else "NO"),
             "   ours with --verify always (every GET hashed): 1. %.0f MB/s (%.2fx of first), "
             "2. %.0f MB/s (%.2fx)" % (
                 always.results["single"], always.results["single"] / ours["single"],
