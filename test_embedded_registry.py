@@ -1028,7 +1028,23 @@ class Upstream:
         self.process.wait(10)
 
 
-class K3sReleases(threading.Thread):
+class LoopbackServer(threading.Thread):
+    """A small HTTP server of the test's own on a free loopback port, in a thread."""
+
+    def serve(self, handler_class):
+        handler_class.log_message = lambda handler, *args: None
+        self.server = er.http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler_class)
+        self.host = "127.0.0.1:%d" % self.server.server_address[1]
+        self.base = "http://" + self.host
+        super().__init__(target=self.server.serve_forever, daemon=True)
+        self.start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class K3sReleases(LoopbackServer):
     """The k3s channel redirect and release asset, served locally."""
 
     def __init__(self, version, image_list):
@@ -1048,13 +1064,7 @@ class K3sReleases(threading.Thread):
                 handler.end_headers()
                 handler.wfile.write(body or b"")
 
-            def log_message(handler, *args):
-                pass
-
-        self.server = er.http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.base = "http://127.0.0.1:%d" % self.server.server_address[1]
-        super().__init__(target=self.server.serve_forever, daemon=True)
-        self.start()
+        self.serve(Handler)
 
 
 @pytest.fixture(scope="session")
@@ -4281,7 +4291,7 @@ def oras_pull(server, tls, reference, directory):
     return {os.path.basename(p): open(p, "rb").read() for p in paths}
 
 
-class ReferrersUpstream(threading.Thread):
+class ReferrersUpstream(LoopbackServer):
     """A test upstream that answers the referrers API, as no packaged registry does yet: it
     serves the spec's answer from `listed` ({subject: [descriptor]}) and passes every other
     request to the real upstream. With `token`, the referrers API and the tags it guards
@@ -4362,17 +4372,7 @@ class ReferrersUpstream(threading.Thread):
                 if handler.command != "HEAD":
                     handler.wfile.write(body)
 
-            def log_message(handler, *args):
-                pass
-
-        self.server = er.http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.host = "127.0.0.1:%d" % self.server.server_address[1]
-        super().__init__(target=self.server.serve_forever, daemon=True)
-        self.start()
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.serve(Handler)
 
 
 def write_auth_file(path, host, credentials):
