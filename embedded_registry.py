@@ -2400,6 +2400,7 @@ class Metrics(NoMetrics):
         """Count in row from now on: a worker just forked, perhaps in a dead one's place,
         whose open connections ended with it."""
         self._base = row * self._width
+        self._places = {}  # (route, method, code) -> where its request counts in the row
         self._lock = threading.Lock()  # one copied across a fork may have been held
         self._values[self._base + self._index["connections_open", ]] = 0
         self._values[self._base + self._index["pid", ]] = os.getpid()
@@ -2409,16 +2410,26 @@ class Metrics(NoMetrics):
             self._values[self._base + self._index[key]] += amount
 
     def observe_request(self, route, method, code, seconds, sent):
-        code = str(int(code))
-        index, base = self._index, self._base
-        bucket = bisect.bisect_left(DURATION_BUCKETS, seconds)  # the first le >= seconds
+        places = self._places.get((route, method, code))
+        if places is None:
+            places = self._places[route, method, code] = self._request_places(
+                route, method, code)
+        requests, first_bucket, duration_sum, sent_bytes = places
+        bucket = first_bucket + bisect.bisect_left(DURATION_BUCKETS, seconds)  # first le >=
+        values = self._values
+        with self._lock:
+            values[requests] += 1
+            values[bucket] += 1
+            values[duration_sum] += seconds
+            values[sent_bytes] += sent
+
+    def _request_places(self, route, method, code):
+        """The places in this process's row that one request of a kind adds to."""
+        code, index, base = str(int(code)), self._index, self._base
         requests = index["requests", route, method if method in METRIC_METHODS else "other",
                          code if code in METRIC_CODES else "other"]
-        with self._lock:
-            self._values[base + requests] += 1
-            self._values[base + index["duration_bucket", route, bucket]] += 1
-            self._values[base + index["duration_sum", route]] += seconds
-            self._values[base + index["bytes", route]] += sent
+        return (base + requests, base + index["duration_bucket", route, 0],
+                base + index["duration_sum", route], base + index["bytes", route])
 
     def _totals(self):
         """{key: the sum over every process's row}."""
