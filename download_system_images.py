@@ -985,8 +985,8 @@ class ArchiveSource(Source):
                 continue
             name = oci_image_name(entry.get("annotations"))
             digest = entry["digest"]
-            if not name and self._is_referrer(digest):
-                subject = self._subject_of_referrer(digest)
+            subject = None if name else self._subject_of_referrer(digest)
+            if subject:
                 if not self.has_manifest(subject):
                     self.problems.append((where, "a referrer of %s, which is not in the "
                                           "archive" % subject))
@@ -1057,9 +1057,6 @@ class ArchiveSource(Source):
             descriptor = {"mediaType": document.get("mediaType", OCI_MANIFEST),
                           "digest": digest, "size": len(body)}
             self._referrers[subject["digest"]].append(descriptor)
-
-    def _is_referrer(self, digest):
-        return self._subject_of_referrer(digest) is not None
 
     def _subject_of_referrer(self, digest):
         for subject, found in self._referrers.items():

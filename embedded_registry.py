@@ -1918,7 +1918,7 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
         self.rfile.read(end + 4)
         self.command, self.path, self.request_version = method, target, "HTTP/1.1"
         self.close_connection = bool(CONNECTION_CLOSE_RE.search(match.group(3)))
-        self.rfile.head_left = self.reader.deadline = None
+        self.reader.deadline = None
         self.reader.set_timeout(self.server.send_timeout)
         self.route_kind, self.response_status = "manifest", HTTPStatus.OK
         self.response_bytes = len(answer.body) if method == "GET" else 0
@@ -1987,13 +1987,10 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
         headers = [("Docker-Content-Digest", digest), ("ETag", '"%s"' % digest)]
         body = self.send_bytes(HTTPStatus.OK, manifest.body, manifest.media_type, headers)
         # The next such request is answered with the same bytes, without the steps above.
-        head = self.header_block(HTTPStatus.OK, manifest.media_type, len(manifest.body),
-                                 headers).split(b"\r\nDate: %s\r\n" % (
-                                     self.date_time_string().encode()), 1)
-        if len(head) == 2:
-            self.server.answers.put(self.command, self.path, PreparedAnswer(
-                path, identity, passed, head[0] + b"\r\nDate: ", b"\r\n" + head[1],
-                manifest.body))
+        head_start, head_end = self.prepared_head(HTTPStatus.OK, manifest.media_type,
+                                                  len(manifest.body), headers)
+        self.server.answers.put(self.command, self.path, PreparedAnswer(
+            path, identity, passed, head_start, head_end, manifest.body))
         return body
 
     def serve_blob(self, route):
@@ -2056,12 +2053,14 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
         return [("Content-Type", content_type), ("Content-Length", str(length)),
                 API_VERSION_HEADER] + list(headers)
 
-    def header_block(self, status, content_type, length, headers):
-        """The bytes send_headers() sends, as a prepared answer repeats them."""
-        lines = ["%s %d %s" % (self.protocol_version, status, status.phrase),
-                 "Server: " + self.version_string(), "Date: " + self.date_time_string()]
-        lines += ["%s: %s" % pair for pair in self.header_list(content_type, length, headers)]
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "strict")
+    def prepared_head(self, status, content_type, length, headers):
+        """The bytes send_headers() sends, in two parts either side of the Date's value,
+        which a prepared answer puts in anew each time."""
+        start = "%s %d %s\r\nServer: %s\r\nDate: " % (
+            self.protocol_version, status, status.phrase, self.version_string())
+        end = "".join("\r\n%s: %s" % pair
+                      for pair in self.header_list(content_type, length, headers))
+        return start.encode("latin-1"), (end + "\r\n\r\n").encode("latin-1")
 
     def send_bytes(self, status, body, content_type, headers=()):
         self.send_headers(status, content_type, len(body), headers)
