@@ -167,6 +167,7 @@ CONNECTION_CLOSE_RE = re.compile(rb"(?im)^connection:[ \t]*close[ \t]*\r$")
 MAX_PREPARED_ANSWERS = 4096
 PLAIN_LOG_TEXT_RE = re.compile(r"[ -\[\]-~]*")  # printable ASCII but the backslash
 TIMEOUT_KINDS = ("handshake", "header", "idle", "send")
+PIN_POLICIES = ("auto", "always", "never")  # --pin-workers
 PEM_CERTIFICATE_RE = re.compile(
     rb"-----BEGIN CERTIFICATE-----([A-Za-z0-9+/=\s]+)-----END CERTIFICATE-----")
 
@@ -618,6 +619,21 @@ def exposition(families):
             lines.append("%s%s%s %s" % (name, suffix, "{%s}" % shown if shown else "",
                                         metric_value(value)))
     return ("\n".join(lines) + "\n").encode()
+
+
+def worker_cpus(workers, allowed, policy):
+    """The CPU each worker is kept on, by its number, or None to leave them free.
+
+    A worker's threads take turns holding the interpreter lock. On one core each hand-off
+    is a plain switch; across cores it wakes another core and moves the cache, and a
+    worker's rate falls as its connections grow. Keeping workers on CPUs of their own
+    needs as many CPUs as workers ("auto"); "always" also keeps a single worker on
+    one, and shares CPUs in turn when workers outnumber them."""
+    allowed = sorted(allowed)
+    if policy == "never" or not allowed or (
+            policy == "auto" and not 2 <= workers <= len(allowed)):
+        return None
+    return [allowed[n % len(allowed)] for n in range(workers)]
 
 
 def escape_for_log(text, limit=400):
@@ -1825,6 +1841,7 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
     def __init__(self, *args, slot, **kwargs):
         self.slot = slot  # this connection's place among --max-connections
         self.requests = 0
+        self.connection_announced = False  # whether this answer has a Connection header
         super().__init__(*args, **kwargs)
 
     def setup(self):
@@ -1922,7 +1939,10 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
         self.reader.set_timeout(self.server.send_timeout)
         self.route_kind, self.response_status = "manifest", HTTPStatus.OK
         self.response_bytes = len(answer.body) if method == "GET" else 0
-        data = answer.head_start + self.date_time_string().encode() + answer.head_end
+        head_end = answer.head_end
+        if self.close_connection:  # as end_headers() does: the last header before the blank line
+            head_end = head_end[:-2] + b"Connection: close\r\n\r\n"
+        data = answer.head_start + self.date_time_string().encode() + head_end
         try:
             self.send_at_once(data + answer.body if method == "GET" else data)
         except socket.timeout:  # the client stopped reading: as on the slow path
@@ -2041,6 +2061,22 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
         return self.send_listing({"repositories": names}, more, names)
 
     # Responses --------------------------------------------------------------------
+
+    def version_string(self):
+        return self.server_version  # the base class appends sys_version after a space
+
+    def send_header(self, keyword, value):
+        super().send_header(keyword, value)
+        if keyword.lower() == "connection":
+            self.connection_announced = True
+
+    def end_headers(self):
+        # A client that asked to close (or a server about to) is told so in the answer,
+        # as RFC 9112 asks: else the client sends its next request into a closed socket.
+        if self.close_connection and not self.connection_announced:
+            super().send_header("Connection", "close")
+        self.connection_announced = False
+        super().end_headers()
 
     def send_headers(self, status, content_type, length, headers=()):
         self.send_response(status)
@@ -2204,6 +2240,52 @@ class Slot:
             socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
 
 
+class ConnectionThreads:
+    """A thread for each connection, kept for a while once its connection ends: a new
+    connection is then given to a waiting thread, not to a new one, whose start costs
+    about as much as a small request."""
+
+    keep = 16  # at most this many threads wait
+    linger = 10.0  # seconds a thread waits before it ends
+
+    def __init__(self, serve, keep=keep, linger=linger):
+        self.serve = serve  # serve(*job), in a thread of its own
+        self.keep = keep
+        self.linger = linger
+        self._jobs = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._free = 0  # threads that wait and have not been promised a job
+
+    def run(self, *job):
+        with self._lock:
+            if self._free:
+                self._free -= 1  # promised: the job is that thread's
+                self._jobs.put(job)
+                return
+        threading.Thread(target=self._work, args=job, daemon=True).start()
+
+    def _work(self, *job):
+        while job:
+            self.serve(*job)
+            job = self._next_job()
+
+    def _next_job(self):
+        """The next job, or () when this thread should end."""
+        with self._lock:
+            if self._free >= self.keep:
+                return ()
+            self._free += 1
+        while True:
+            try:
+                return self._jobs.get(timeout=self.linger)
+            except queue.Empty:
+                with self._lock:
+                    if self._free:  # there are unpromised threads: one of them may end
+                        self._free -= 1
+                        return ()
+                # every waiting thread is promised a job: this one's is on its way
+
+
 class RegistryServer(http.server.ThreadingHTTPServer):
     """Owns the listening socket, the TLS context and the tree; a thread per connection."""
 
@@ -2231,6 +2313,7 @@ class RegistryServer(http.server.ThreadingHTTPServer):
         self._slots = set()
         self._slots_changed = threading.Condition()
         self._room_told = float("-inf")
+        self.connection_threads = ConnectionThreads(self.process_request_thread)
         super().__init__(address, handler_class)
 
     def server_bind(self):
@@ -2251,8 +2334,7 @@ class RegistryServer(http.server.ThreadingHTTPServer):
         if slot is None:  # stopping
             self.shutdown_request(request)
             return
-        threading.Thread(target=self.process_request_thread, daemon=True,
-                         args=(request, client_address, slot)).start()
+        self.connection_threads.run(request, client_address, slot)
 
     def _take_slot(self, request):
         """A slot for a new connection, or None once stopping; never waits past that."""
@@ -2790,7 +2872,9 @@ def signal_name(signums):
     return signal.Signals(min(signums)).name
 
 
-def serve_until_signalled(server, shutdown_timeout):
+def serve_until_signalled(server, shutdown_timeout, cpu=None):
+    if cpu is not None:
+        keep_on_cpu(cpu)  # before any thread starts: threads take their creator's CPUs
     arrived = record_signals(HANDLED_SIGNALS)
     threading.Thread(target=act_on_signals, args=(server, arrived), daemon=True).start()
     if server.metrics_server:
@@ -2827,11 +2911,21 @@ def act_on_signals(server, arrived):
         notify_systemd("READY=1")
 
 
-def serve_workers(server, count, shutdown_timeout):
+def keep_on_cpu(cpu):
+    """Keep this process (and the threads it starts) on one CPU; serving goes on
+    wherever the kernel puts it if that CPU has been taken away meanwhile."""
+    try:
+        os.sched_setaffinity(0, {cpu})
+    except OSError as error:
+        log.warning("cannot keep process %d on CPU %d: %s", os.getpid(), cpu, error.strerror)
+
+
+def serve_workers(server, count, shutdown_timeout, cpus=None):
     """Pre-fork: count processes accept on the one listening socket, each with its own
     threads, so requests use every core instead of contending for one GIL. The parent
     only supervises: it forwards signals, speaks to systemd and replaces a worker that
-    ends, however it ends, until it is stopping itself."""
+    ends, however it ends, until it is stopping itself. With cpus, worker n is kept on
+    cpus[n], and so is the worker that replaces it."""
     server.socket.setblocking(False)  # a worker that loses the race for a connection moves on
     if server.metrics_server:
         server.metrics_server.socket.setblocking(False)
@@ -2848,7 +2942,7 @@ def serve_workers(server, count, shutdown_timeout):
             if pid == 0:
                 if server.metrics_server:
                     server.metrics.take_row(row)
-                run_worker(server, shutdown_timeout)
+                run_worker(server, shutdown_timeout, cpus[row] if cpus else None)
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
         workers[pid] = time.monotonic(), row
@@ -2902,13 +2996,13 @@ def serve_workers(server, count, shutdown_timeout):
     return 1 if failed else 0
 
 
-def run_worker(server, shutdown_timeout):
+def run_worker(server, shutdown_timeout, cpu):
     """A forked worker's whole life; it never returns into the parent's code."""
     os.environ.pop("NOTIFY_SOCKET", None)  # only the parent speaks to systemd
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     code = 1
     try:
-        serve_until_signalled(server, shutdown_timeout)
+        serve_until_signalled(server, shutdown_timeout, cpu)
         code = 0
     except Exception:
         log.exception("worker %d failed", os.getpid())
@@ -3007,6 +3101,12 @@ def make_parser():
     limits.add_argument("--workers", type=int, default=1, metavar="N",
                         help="processes sharing the port; 2 or more use more cores for many "
                              "small requests (default: %(default)s)")
+    limits.add_argument("--pin-workers", choices=PIN_POLICIES, default="auto",
+                        help="keep each worker on a CPU of its own, so its threads hand the "
+                             "interpreter lock to each other on one core: auto does so with "
+                             "2 or more workers and as many CPUs allowed; always also keeps "
+                             "a single worker on one CPU; never leaves them to the kernel "
+                             "(default: %(default)s)")
     limits.add_argument("--max-connections", type=int, default=1024, metavar="N",
                         help="connections served at once, per worker; more wait (default: "
                              "%(default)s)")
@@ -3112,14 +3212,17 @@ def main(argv=None):
     if server.tls is None and not is_loopback(server.server_address[0]):
         log.warning("serving plain HTTP beyond loopback on %s: give --cert and --key for TLS",
                     args.listen)
-    log.info("serving %s/v2/ from %s%s", server.url, server.tree.root,
-             " with %d workers" % args.workers if args.workers > 1 else "")
+    cpus = worker_cpus(args.workers, os.sched_getaffinity(0) if hasattr(
+        os, "sched_getaffinity") else (), args.pin_workers)  # Linux's, as k3s is
+    log.info("serving %s/v2/ from %s%s%s", server.url, server.tree.root,
+             " with %d workers" % args.workers if args.workers > 1 else "",
+             " on CPUs %s" % ", ".join(map(str, cpus)) if cpus else "")
     if server.metrics_server:
         host, port = server.metrics_server.server_address[:2]
         log.info("metrics at http://%s:%d/metrics", "[%s]" % host if ":" in host else host, port)
     if args.workers > 1:
-        return serve_workers(server, args.workers, args.shutdown_timeout)
-    serve_until_signalled(server, args.shutdown_timeout)
+        return serve_workers(server, args.workers, args.shutdown_timeout, cpus)
+    serve_until_signalled(server, args.shutdown_timeout, cpus[0] if cpus else None)
     return 0
 
 

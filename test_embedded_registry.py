@@ -653,6 +653,23 @@ def server_process(*args, drain=False):
         process.stderr.close()
 
 
+def cpus_allowed(pid):
+    with open("/proc/%d/status" % pid) as f:
+        return re.search(r"Cpus_allowed_list:\s*(\S+)", f.read()).group(1)
+
+
+def children_of(process, count=0):
+    """The pids of the process's children, once there are count of them."""
+    deadline = time.monotonic() + 15
+    while True:
+        with open("/proc/%d/task/%d/children" % (process.pid, process.pid)) as f:
+            pids = [int(pid) for pid in f.read().split()]
+        if len(pids) >= count:
+            return pids
+        assert time.monotonic() < deadline, "%d children, not %d" % (len(pids), count)
+        time.sleep(0.05)
+
+
 @pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated")
 def test_cli_serves_tls_and_logs_access(fixture, tls):
     with server_process("--root", fixture.root, "--cert", tls["cert"], "--key", tls["key"]) as (
@@ -3355,7 +3372,7 @@ def test_fuzzed_requests_always_get_an_answer_and_leave_nothing_behind(hostile_t
             statuses[status] += 1
             assert status is None or 200 <= status < 500, (case, request[:200], status, body)
             assert hostile_tree["canary"] not in body, (case, request[:200])
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + er.ConnectionThreads.linger + 20  # kept ones end too
         while proc_status(process.pid, "Threads") > idle_threads:
             assert time.monotonic() < deadline, "connection threads did not end"
             time.sleep(0.1)
@@ -4856,6 +4873,7 @@ def test_metrics_flags_are_checked(fixture, tmp_path):
     for flags, message in ((["--metrics-listen", "nowhere"], "--metrics-listen 'nowhere'"),
                            (["--metrics-listen", "70000"], "--metrics-listen '70000'"),
                            (["--wait-for-cert", "5"], "--wait-for-cert needs --cert"),
+                           (["--pin-workers", "sometimes"], "--pin-workers: invalid choice"),
                            (["--cert", "a", "--key", "b", "--wait-for-cert", "nan"],
                             "--wait-for-cert must be")):
         result = subprocess.run([sys.executable, os.path.join(HERE, "embedded_registry.py"),
@@ -4881,15 +4899,13 @@ def test_a_replaced_worker_s_counts_are_kept(fixture):
         key = ("embedded_registry_http_requests_total",
                'route="manifest",method="GET",code="200"')
         assert scrape(metrics_port)[key] == 20
-        workers = [int(pid) for pid in open("/proc/%d/task/%d/children" % (
-            process.pid, process.pid)).read().split()]
-        assert len(workers) == 2
+        workers = children_of(process, 2)
         os.kill(workers[0], signal.SIGKILL)
         deadline = time.monotonic() + 15
-        children = "/proc/%d/task/%d/children" % (process.pid, process.pid)
-        while len(open(children).read().split()) < 2:
+        while workers[0] in children_of(process):
             assert time.monotonic() < deadline
             time.sleep(0.1)
+        children_of(process, 2)
         for _ in range(5):
             assert https_or_http_status(url, "/v2/library/multi/manifests/v1", None) == 200
         samples = scrape(metrics_port)
@@ -5028,6 +5044,119 @@ def test_a_prepared_answer_sees_every_change_at_once(tmp_path):
         assert digest_served() == first
         flip_a_bit(damaged)
         assert digest_served() == "404"
+
+
+def test_an_answer_that_ends_its_connection_says_so(tmp_path):
+    """A client that asks to close, or speaks HTTP/1.0, is told Connection: close in the
+    answer (RFC 9112), on the prepared path as on the slow one; keep-alive answers are not."""
+    TreeBuilder(tmp_path).image("app", "amd64", tag="1")
+    closing = b"%s %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    with serving(tmp_path) as server:
+        for method in (b"GET", b"HEAD"):
+            slow = raw_exchange(server, closing % (method, b"/v2/app/manifests/1"))
+            prepared = raw_exchange(server, closing % (method, b"/v2/app/manifests/1"))
+            assert head_and_body(slow) == head_and_body(prepared)
+            assert slow.startswith(b"HTTP/1.1 200 OK\r\n")
+        for request in (closing % (b"GET", b"/v2/app/manifests/1"),
+                        closing % (b"GET", b"/v2/"), closing % (b"GET", b"/v2/app/manifests/2"),
+                        closing % (b"GET", b"/v2/app/blobs/sha256:" + b"0" * 64),
+                        closing % (b"PUT", b"/v2/app/manifests/1"),
+                        b"GET /v2/app/manifests/1 HTTP/1.0\r\n\r\n"):
+            head = raw_exchange(server, request).partition(b"\r\n\r\n")[0]
+            assert head.count(b"\r\nConnection: close") == 1, (request, head)
+            assert b"\r\nServer: embedded-registry/%s\r\n" % er.__version__.encode() in head
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+        for _ in range(3):  # the slow answer, then prepared ones, on one connection
+            status, headers, _ = fetch(conn, "GET", "/v2/app/manifests/1")
+            assert status == 200 and headers.get("Connection") is None
+        conn.close()
+
+
+def test_connection_threads_are_kept_for_the_next_connection():
+    threads = er.ConnectionThreads(None, keep=3, linger=0.3)
+    served, done = [], threading.Semaphore(0)
+
+    def serve(job):
+        served.append((job, threading.get_ident()))
+        done.release()
+
+    threads.serve = serve
+    before = threading.active_count()
+    for job in range(20):
+        threads.run(job)
+        assert done.acquire(timeout=10)
+        deadline = time.monotonic() + 10
+        while threads._free < 1:  # the thread is back, waiting
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+    assert [job for job, _ in served] == list(range(20))
+    assert len({ident for _, ident in served}) == 1  # one thread served them all
+    # Jobs at once each get a thread: none waits for another to end.
+    gate = threading.Barrier(9, timeout=10)
+    threads.serve = lambda job: gate.wait()
+    for job in range(8):
+        threads.run(job)
+    gate.wait()  # would time out (BrokenBarrierError) if a job were queued behind another
+    deadline = time.monotonic() + 10
+    while threading.active_count() > before + 3:  # beyond keep, threads end at once
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    while threading.active_count() > before:  # and the kept ones after lingering
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert threads._free == 0
+
+
+@pytest.mark.parametrize("workers, allowed, policy, cpus", [
+    (2, {0, 1}, "auto", [0, 1]),
+    (2, {3, 1, 7}, "auto", [1, 3]),
+    (1, {0, 1}, "auto", None),  # a lone worker keeps every core for its TLS and hashing
+    (3, {0, 1}, "auto", None),  # more workers than CPUs: the kernel balances them
+    (2, {0, 1}, "never", None),
+    (1, {0, 1}, "always", [0]),
+    (3, {4, 5}, "always", [4, 5, 4]),
+    (2, set(), "always", None),
+])
+def test_which_cpu_each_worker_is_kept_on(workers, allowed, policy, cpus):
+    assert er.worker_cpus(workers, allowed, policy) == cpus
+
+
+def test_workers_are_kept_on_cpus_of_their_own(fixture):
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        pytest.skip("needs 2 CPUs to keep 2 workers apart; this machine allows %s" % allowed)
+    with server_process("--root", fixture.root, "--workers", "2") as (process, url):
+        workers = children_of(process, 2)
+        assert sorted(cpus_allowed(pid) for pid in workers) == [str(c) for c in allowed[:2]]
+        assert cpus_allowed(process.pid) == cpus_allowed(os.getpid())  # not the supervisor
+        lost = cpus_allowed(workers[0])
+        os.kill(workers[0], signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while workers[0] in children_of(process):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        replacement = (set(children_of(process, 2)) - set(workers)).pop()
+        assert cpus_allowed(replacement) == lost  # the dead worker's CPU, not a shared one
+        assert https_or_http_status(url, "/v2/library/multi/manifests/v1", None) == 200
+    for flags, pinned in ((["--workers", "2", "--pin-workers", "never"], False),
+                          (["--pin-workers", "always"], True)):
+        with server_process("--root", fixture.root, *flags) as (process, url):
+            for pid in children_of(process, 2 if "--workers" in flags else 0) or [process.pid]:
+                assert (cpus_allowed(pid) != cpus_allowed(os.getpid())) == pinned, flags
+            assert https_or_http_status(url, "/v2/library/multi/manifests/v1", None) == 200
+    # Fewer CPUs allowed than workers: auto leaves them to the kernel, and says nothing.
+    taskset = need("taskset")
+    argv = [taskset, "-c", str(allowed[0]), sys.executable,
+            os.path.join(HERE, "embedded_registry.py"), "--root", fixture.root,
+            "--listen", "127.0.0.1:0", "--workers", "2"]
+    process = subprocess.Popen(argv, stderr=subprocess.PIPE, universal_newlines=True)
+    try:
+        line = process.stderr.readline()
+        assert "with 2 workers" in line and "CPU" not in line, line
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(10) == 0
+        process.stderr.close()
 
 
 @pytest.mark.parametrize("unusual", [

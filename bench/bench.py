@@ -23,6 +23,7 @@ import io
 import json
 import os
 import platform
+import queue
 import re
 import shutil
 import socket
@@ -47,6 +48,7 @@ MANY_MANIFESTS = 5000
 STREAMS = 8
 LEAK_REQUESTS = 10000
 PULLS = 5
+FLOOR_THREADS = 64  # more than the 16 connections of a wrk run
 METRICS_ROUNDS = 6  # wrk runs of each server, with and without --metrics-listen
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 ACCEPT = ", ".join(["application/vnd.docker.distribution.manifest.v2+json",
@@ -307,9 +309,14 @@ class Nginx(Server):
     Manifests go out with the manifest media type (the bench's are all OCI image
     manifests), which is all containerd needs to pull. nginx cannot name a tag's
     digest, so containerd follows each HEAD of a tag with a GET of it.
+
+    TLS 1.3 is named: nginx before 1.23.4 (Debian 12 has 1.22) offers only up to
+    TLS 1.2 unless told, while the other servers and every client here speak 1.3.
+    A resumed TLS 1.2 session skips the key exchange that a TLS 1.3 handshake
+    always makes, so the handshake rows would compare different work.
     """
 
-    def __init__(self, directory, certs, root):
+    def __init__(self, directory, certs, root, protocols="TLSv1.2 TLSv1.3"):
         super().__init__("nginx", directory, certs)
         self.config = os.path.join(directory, "nginx.conf")
         temp = os.path.join(directory, "nginx-temp")
@@ -333,8 +340,9 @@ http {
   }
 }
 """ % {"d": directory, "t": temp, "port": self.port, "root": root, "manifest": OCI_MANIFEST,
-       "tls": " ssl;\n    ssl_certificate %s; ssl_certificate_key %s;" % (
-           certs["server.crt"], certs["server.key"]) if certs else ";"})
+       "tls": " ssl;\n    ssl_protocols %s;\n    ssl_certificate %s; "
+              "ssl_certificate_key %s;" % (protocols, certs["server.crt"], certs["server.key"])
+              if certs else ";"})
 
     def argv(self):
         return [shutil.which("nginx"), "-c", self.config, "-e", os.path.join(
@@ -342,17 +350,19 @@ http {
 
 
 class Floor(Server):
-    """The floor of this design in this interpreter: serve_floor() below."""
+    """The floor of this design in this interpreter: serve_floor() below. Its processes
+    are kept on CPUs of their own as ours are (--pin-workers auto), unless pin says."""
 
-    def __init__(self, directory, certs, manifest, workers):
+    def __init__(self, directory, certs, manifest, workers, pin=None):
         super().__init__("floor", directory, certs)
         self.manifest = manifest
         self.workers = workers
+        self.pin = workers >= 2 if pin is None else pin
 
     def argv(self):
         tls = [self.certs["server.crt"], self.certs["server.key"]] if self.certs else []
         return [sys.executable, __file__, "--serve-floor", str(self.port), str(self.workers),
-                self.manifest] + tls
+                "pin" if self.pin else "free", self.manifest] + tls
 
     def stop(self):
         for pid in self.pids():
@@ -360,22 +370,28 @@ class Floor(Server):
         self.process.wait(30)
 
 
-def serve_floor(port, workers, manifest, cert=None, key=None):
-    """A thread per connection that only receives a request and sends back one manifest's
+def serve_floor(port, workers, pin, manifest, cert=None, key=None):
+    """A thread for each connection that only receives a request and sends back one manifest's
     bytes, prepared once, over the same transport, in as many processes: no parsing, no
     lookup, no log. What CPython itself costs, which no handler can go below."""
     with open(manifest, "rb") as f:
         body = f.read()
-    answer = b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n%s" % (
-        OCI_MANIFEST.encode(), len(body), body)
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n" % (
+        OCI_MANIFEST.encode(), len(body))
+    answer, closing = head + b"\r\n" + body, head + b"Connection: close\r\n\r\n" + body
     context = None
     if cert:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(cert, key)
     listener = socket.create_server(("127.0.0.1", port))
-    for _ in range(workers - 1):
+    process = 0  # the parent; the children are 1 to workers - 1
+    for number in range(1, workers):
         if os.fork() == 0:
+            process = number
             break
+    if pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cpus[process % len(cpus)]})
 
     def serve(conn):
         try:
@@ -385,17 +401,25 @@ def serve_floor(port, workers, manifest, cert=None, key=None):
                 request = conn.recv(65536)
                 if not request:
                     break
-                conn.sendall(answer)
                 if b"Connection: close" in request:
+                    conn.sendall(closing)
                     break
+                conn.sendall(answer)
         except OSError:
             pass
         finally:
             conn.close()
 
+    connections = queue.SimpleQueue()  # threads kept, as the server keeps them
+
+    def serve_in_turn():
+        while True:
+            serve(connections.get())
+
+    for _ in range(FLOOR_THREADS):
+        threading.Thread(target=serve_in_turn, daemon=True).start()
     while True:
-        conn, _ = listener.accept()
-        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+        connections.put(listener.accept()[0])
 
 
 def wait_for_base(url, ca, process, timeout=30):
@@ -649,6 +673,12 @@ def blob_streams(servers, content):
     best_of(3, servers, "multi", all_streams)
 
 
+def named(name, server):
+    """A server under another name, to tell apart two of a kind in one comparison."""
+    server.name = name
+    return server
+
+
 def small_requests(directory, certs, rsa_certs, root, workers, seconds):
     """The figures of small requests against nginx and against the floor, each pair
     measured in turns: plain HTTP, HEAD, RSA handshakes, and one worker by connections."""
@@ -683,10 +713,16 @@ def small_requests(directory, certs, rsa_certs, root, workers, seconds):
             server.stop()
     rates([Ours(directory, rsa_certs, root, workers), Nginx(directory, rsa_certs, root)],
           "rsa handshakes", close=True)
+    rates([named("nginx TLS 1.2", Nginx(directory, certs, root, "TLSv1.2"))], "tls close",
+          close=True)
     rates([Floor(directory, certs, tree_manifest, workers)], "tls")
     rates([Floor(directory, certs, tree_manifest, workers)], "tls close", close=True)
     for connections in (1, 4, 16):
-        rates([Ours(directory, None, root, 1), Floor(directory, None, tree_manifest, 1)],
+        rates([Ours(directory, None, root, 1),
+               named("ours on one CPU", Ours(directory, None, root, 1,
+                                             ["--pin-workers", "always"])),
+               Floor(directory, None, tree_manifest, 1),
+               named("floor on one CPU", Floor(directory, None, tree_manifest, 1, pin=True))],
               "one worker, %d" % connections, connections=connections)
     return figures
 
@@ -803,8 +839,8 @@ def fmt(value):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--serve-floor"]:  # Floor's own process
-        port, workers, manifest = int(argv[1]), int(argv[2]), argv[3]
-        return serve_floor(port, workers, manifest, *argv[4:6])
+        port, workers, pin, manifest = int(argv[1]), int(argv[2]), argv[3] == "pin", argv[4]
+        return serve_floor(port, workers, pin, manifest, *argv[5:7])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=10, help="duration of each wrk run")
     parser.add_argument("--workers", type=int, default=2,
@@ -893,10 +929,14 @@ def main(argv=None):
                 100 * ours["handshake_rps"] / small["floor", "tls close"],
                 small["embedded-registry", "rsa handshakes"], small["nginx", "rsa handshakes"],
                 small["embedded-registry", "rsa handshakes"] / small["nginx", "rsa handshakes"]),
-            "14. one worker, plain HTTP, keep-alive connections 1 / 4 / 16: ours %s req/s; "
-            "the floor %s" % tuple(" / ".join("%.0f" % small[name, "one worker, %d" % c]
-                                              for c in (1, 4, 16))
-                                   for name in ("embedded-registry", "floor")),
+            "    nginx offering at most TLS 1.2, as Debian 12's does unless told (wrk resumes "
+            "its sessions, which in TLS 1.2 skips the key exchange): %.0f/s" % (
+                small["nginx TLS 1.2", "tls close"]),
+            "14. one worker, plain HTTP, keep-alive connections 1 / 4 / 16: ours %s req/s, "
+            "kept on one CPU (--pin-workers always) %s; the floor %s, on one CPU %s" % tuple(
+                " / ".join("%.0f" % small[name, "one worker, %d" % c] for c in (1, 4, 16))
+                for name in ("embedded-registry", "ours on one CPU", "floor",
+                             "floor on one CPU")),
             "7. start-up to first /v2/ answer: %.0f ms with %d manifests, %.0f ms with an "
             "empty tree (target < 300 ms, independent of size: %s)" % (
                 start_many * 1000, MANY_MANIFESTS, start_empty * 1000,
