@@ -1937,7 +1937,7 @@ class RegistryHandler(http.server.SimpleHTTPRequestHandler):
         self.close_connection = bool(CONNECTION_CLOSE_RE.search(match.group(3)))
         self.reader.deadline = None
         self.reader.set_timeout(self.server.send_timeout)
-        self.route_kind, self.response_status = "manifest", HTTPStatus.OK
+        self.route_kind, self.response_status = "manifest", HTTPStatus.OK.value
         self.response_bytes = len(answer.body) if method == "GET" else 0
         head_end = answer.head_end
         if self.close_connection:  # as end_headers() does: the last header before the blank line
