@@ -1773,10 +1773,23 @@ def test_workers_share_what_hashing_found(tmp_path, tls):
         context = ssl.create_default_context(cafile=tls["ca"])
 
         def connection():
-            return http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
+            """A connection served by the worker that is not stopped: the kernel spreads
+            connections over the workers' sockets, so one that waits on the stopped
+            worker's socket is given up for another."""
+            for _ in range(40):  # each lands on the running worker with even odds
+                conn = http.client.HTTPSConnection("127.0.0.1", port, context=context,
+                                                   timeout=0.5)
+                try:
+                    conn.connect()
+                except socket.timeout:
+                    conn.close()
+                    continue
+                conn.sock.settimeout(10)
+                return conn
+            raise AssertionError("no connection reached the running worker")
 
         first, second = child_pids(process.pid)
-        os.kill(second, signal.SIGSTOP)  # every connection now goes to the first worker
+        os.kill(second, signal.SIGSTOP)  # every connection now served by the first worker
         try:
             status, length, body = read_cut(connection(), url)
             assert status == 200 and len(body) < length  # the first worker found it corrupt
@@ -5119,6 +5132,50 @@ def test_connection_threads_are_kept_for_the_next_connection():
 ])
 def test_which_cpu_each_worker_is_kept_on(workers, allowed, policy, cpus):
     assert er.worker_cpus(workers, allowed, policy) == cpus
+
+
+def sockets_of(pid):
+    count = 0
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        with contextlib.suppress(OSError):
+            count += os.readlink("/proc/%d/fd/%s" % (pid, fd)).startswith("socket:")
+    return count
+
+
+def test_workers_share_new_connections_evenly(fixture):
+    """Each worker accepts on a listening socket of its own (SO_REUSEPORT), so a burst of
+    connections is spread over them, where on one shared socket one could take all."""
+    with server_process("--root", fixture.root, "--workers", "2") as (process, url):
+        workers = children_of(process, 2)
+        before = [sockets_of(pid) for pid in workers]
+        port = int(url.rsplit(":", 1)[1])
+        connections = [http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                       for _ in range(32)]
+        for conn in connections:
+            assert fetch(conn, "GET", "/v2/library/multi/manifests/v1")[0] == 200
+        taken = [sockets_of(pid) - count for pid, count in zip(workers, before)]
+        assert sum(taken) == 32 and min(taken) >= 4, taken  # 1 in 400,000 to fail by chance
+        for conn in connections:
+            conn.close()
+
+
+def test_a_taken_port_is_refused_with_workers(fixture):
+    """SO_REUSEPORT must not let a second server share the port of another, or of any
+    program listening there."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        taken = other.getsockname()[1]
+        with server_process("--root", fixture.root, "--workers", "2") as (process, url):
+            ours = int(url.rsplit(":", 1)[1])
+            for port in (taken, ours):
+                result = subprocess.run(
+                    [sys.executable, os.path.join(HERE, "embedded_registry.py"), "--root",
+                     fixture.root, "--listen", "127.0.0.1:%d" % port, "--workers", "2"],
+                    stderr=subprocess.PIPE, universal_newlines=True, timeout=30)
+                assert result.returncode == 2, result.stderr
+                assert "cannot listen on 127.0.0.1:%d" % port in result.stderr
+            assert https_or_http_status(url, "/v2/library/multi/manifests/v1", None) == 200
 
 
 def test_workers_are_kept_on_cpus_of_their_own(fixture):
