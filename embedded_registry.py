@@ -2540,16 +2540,12 @@ class Metrics(NoMetrics):
                 route, method, code)
         requests, first_bucket, duration_sum, sent_bytes = places
         bucket = first_bucket + bisect.bisect_left(DURATION_BUCKETS, seconds)  # first le >=
-        values, lock = self._values, self._lock
-        # Not a with statement: in a busy worker it cost a request 2 µs more than this.
-        lock.acquire()
-        try:
+        values = self._values
+        with self._lock:
             values[requests] += 1
             values[bucket] += 1
             values[duration_sum] += seconds
             values[sent_bytes] += sent
-        finally:
-            lock.release()
 
     def _request_places(self, route, method, code):
         """The places in this process's row that one request of a kind adds to."""
