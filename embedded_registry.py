@@ -2287,7 +2287,8 @@ class ConnectionThreads:
 
 
 class RegistryServer(http.server.ThreadingHTTPServer):
-    """Owns the listening socket, the TLS context and the tree; a thread per connection."""
+    """Owns the listening sockets, the TLS context and the tree; a thread per connection,
+    kept for the next one."""
 
     daemon_threads = True
     request_queue_size = 128
@@ -2540,12 +2541,17 @@ class Metrics(NoMetrics):
                 route, method, code)
         requests, first_bucket, duration_sum, sent_bytes = places
         bucket = first_bucket + bisect.bisect_left(DURATION_BUCKETS, seconds)  # first le >=
-        values = self._values
-        with self._lock:
+        values, lock = self._values, self._lock
+        # acquire() and release(), not a with statement: in a worker with 16 busy threads
+        # the with statement cost a request 2 µs more (bench row 10's comparison).
+        lock.acquire()
+        try:
             values[requests] += 1
             values[bucket] += 1
             values[duration_sum] += seconds
             values[sent_bytes] += sent
+        finally:
+            lock.release()
 
     def _request_places(self, route, method, code):
         """The places in this process's row that one request of a kind adds to."""
@@ -2972,7 +2978,7 @@ def serve_workers(server, count, shutdown_timeout, cpus=None):
     replaces a worker that ends, however it ends, until it is stopping itself. Worker n
     accepts on listener n, and with cpus is kept on cpus[n]; so is the worker that
     replaces it."""
-    for listener in server.listeners or [server.socket]:
+    for listener in server.listeners:
         listener.setblocking(False)  # a worker never waits in accept(), whatever woke it
     if server.metrics_server:
         server.metrics_server.socket.setblocking(False)
