@@ -658,18 +658,6 @@ def cpus_allowed(pid):
         return re.search(r"Cpus_allowed_list:\s*(\S+)", f.read()).group(1)
 
 
-def children_of(process, count=0):
-    """The pids of the process's children, once there are count of them."""
-    deadline = time.monotonic() + 15
-    while True:
-        with open("/proc/%d/task/%d/children" % (process.pid, process.pid)) as f:
-            pids = [int(pid) for pid in f.read().split()]
-        if len(pids) >= count:
-            return pids
-        assert time.monotonic() < deadline, "%d children, not %d" % (len(pids), count)
-        time.sleep(0.05)
-
-
 @pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated")
 def test_cli_serves_tls_and_logs_access(fixture, tls):
     with server_process("--root", fixture.root, "--cert", tls["cert"], "--key", tls["key"]) as (
@@ -1447,10 +1435,17 @@ def test_idle_sockets_do_not_block_a_pull(fixture, tls, capsys, tmp_path, count)
     assert elapsed < 8
 
 
-def child_pids(pid):
-    result = subprocess.run(["pgrep", "-P", str(pid)], stdout=subprocess.PIPE,
-                            universal_newlines=True)
-    return sorted(int(p) for p in result.stdout.split())
+def child_pids(pid, count=0):
+    """The pids of the process's children, once there are count of them."""
+    deadline = time.monotonic() + 15
+    while True:
+        result = subprocess.run(["pgrep", "-P", str(pid)], stdout=subprocess.PIPE,
+                                universal_newlines=True)
+        pids = sorted(int(p) for p in result.stdout.split())
+        if len(pids) >= count:
+            return pids
+        assert time.monotonic() < deadline, "%d children, not %d" % (len(pids), count)
+        time.sleep(0.05)
 
 
 def test_workers_share_the_port_and_are_supervised(fixture, tls):
@@ -4915,13 +4910,13 @@ def test_a_replaced_worker_s_counts_are_kept(fixture):
         key = ("embedded_registry_http_requests_total",
                'route="manifest",method="GET",code="200"')
         assert scrape(metrics_port)[key] == 20
-        workers = children_of(process, 2)
+        workers = child_pids(process.pid, 2)
         os.kill(workers[0], signal.SIGKILL)
         deadline = time.monotonic() + 15
-        while workers[0] in children_of(process):
+        while workers[0] in child_pids(process.pid):
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        children_of(process, 2)
+        child_pids(process.pid, 2)
         for _ in range(5):
             assert https_or_http_status(url, "/v2/library/multi/manifests/v1", None) == 200
         samples = scrape(metrics_port)
@@ -5149,7 +5144,7 @@ def test_workers_share_new_connections_evenly(fixture):
     """Each worker accepts on a listening socket of its own (SO_REUSEPORT), so a burst of
     connections is spread over them, where on one shared socket one could take all."""
     with server_process("--root", fixture.root, "--workers", "2") as (process, url):
-        workers = children_of(process, 2)
+        workers = child_pids(process.pid, 2)
         before = [sockets_of(pid) for pid in workers]
         port = int(url.rsplit(":", 1)[1])
         connections = [http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -5186,22 +5181,22 @@ def test_workers_are_kept_on_cpus_of_their_own(fixture):
     if len(allowed) < 2:
         pytest.skip("needs 2 CPUs to keep 2 workers apart; this machine allows %s" % allowed)
     with server_process("--root", fixture.root, "--workers", "2") as (process, url):
-        workers = children_of(process, 2)
+        workers = child_pids(process.pid, 2)
         assert sorted(cpus_allowed(pid) for pid in workers) == [str(c) for c in allowed[:2]]
         assert cpus_allowed(process.pid) == cpus_allowed(os.getpid())  # not the supervisor
         lost = cpus_allowed(workers[0])
         os.kill(workers[0], signal.SIGKILL)
         deadline = time.monotonic() + 15
-        while workers[0] in children_of(process):
+        while workers[0] in child_pids(process.pid):
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        replacement = (set(children_of(process, 2)) - set(workers)).pop()
+        replacement = (set(child_pids(process.pid, 2)) - set(workers)).pop()
         assert cpus_allowed(replacement) == lost  # the dead worker's CPU, not a shared one
         assert https_or_http_status(url, "/v2/library/multi/manifests/v1", None) == 200
     for flags, pinned in ((["--workers", "2", "--pin-workers", "never"], False),
                           (["--pin-workers", "always"], True)):
         with server_process("--root", fixture.root, *flags) as (process, url):
-            for pid in children_of(process, 2 if "--workers" in flags else 0) or [process.pid]:
+            for pid in child_pids(process.pid, 2 if "--workers" in flags else 0) or [process.pid]:
                 assert (cpus_allowed(pid) != cpus_allowed(os.getpid())) == pinned, flags
             assert https_or_http_status(url, "/v2/library/multi/manifests/v1", None) == 200
     # Fewer CPUs allowed than workers: auto leaves them to the kernel, and says nothing.
